@@ -1,0 +1,54 @@
+"""The platform's ASGI app: control plane (/v1), data plane (OIP v2), /metrics, in one process."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from functions import api, gateway
+from functions.errors import install_error_handlers
+from functions.platform import Platform
+from functions.settings import Settings
+
+
+def create_app(
+    settings: Settings,
+    platform: Platform | None = None,
+    on_started: Callable[[], Awaitable[None]] | None = None,
+) -> FastAPI:
+    """The app; it builds (or takes) the Platform and owns its start and close through the lifespan."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        instance = platform or Platform(settings)
+        app.state.platform = instance
+        await instance.start()
+        if on_started is not None:
+            await on_started()
+        try:
+            yield
+        finally:
+            await instance.close()
+
+    app = FastAPI(
+        title="paddlefn",
+        summary="Serverless inference for PaddlePaddle models",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(api.router)
+    for route in gateway.routes():
+        app.router.routes.append(route)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        instance: Platform = request.app.state.platform
+        instance.require_admin(instance.authenticate(request.headers.get("authorization")))
+        return Response(generate_latest(instance.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(gateway.HostRouting, domain=settings.domain)
+    return app

@@ -1,0 +1,67 @@
+"""The control loop that applies the scaling policy (``scaler.policy``) through a backend, once per tick.
+
+Wake-ups do not wait for it: the backend scales a sleeping function to 1 the moment a request arrives. The loop
+survives a failed step (logged, retried next tick), as a controller must.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from functions.activator import Activator
+from functions.backends.base import Backend
+from functions.metrics import Metrics
+from functions.registry import FunctionRecord, Registry
+from functions.settings import Settings
+from scaler.policy import Load, Scaling, State, decide
+
+log = logging.getLogger("paddlefn.autoscaler")
+
+
+class Autoscaler:
+    def __init__(
+        self, registry: Registry, backend: Backend, source: Activator, settings: Settings, metrics: Metrics
+    ) -> None:
+        self.registry = registry
+        self.backend = backend
+        self.source = source
+        self.settings = settings
+        self.metrics = metrics
+        self._states: dict[tuple[str, str], State] = {}
+
+    def scaling(self, fn: FunctionRecord) -> Scaling:
+        return Scaling(
+            min_scale=fn.config.min_scale,
+            max_scale=fn.config.max_scale,
+            target=fn.config.scaling_target,
+            idle_timeout_s=fn.config.idle_timeout_s or self.settings.idle_timeout_s,
+            scale_down_delay_s=self.settings.scale_down_delay_s,
+        )
+
+    async def step(self, now: float) -> None:
+        loads = self.source.loads(now)
+        for fn in self.registry.ready():
+            load = loads.get(fn.key, Load())
+            current = self.backend.replicas(fn)
+            decision = decide(load, self.scaling(fn), current, self._states.get(fn.key, State()), now)
+            self._states[fn.key] = decision.state
+            if decision.desired != current:
+                log.info("%s: %d -> %d replicas (%s)", fn.label, current, decision.desired, decision.reason)
+                await self.backend.set_replicas(fn, decision.desired)
+            self.metrics.replicas.labels(fn.tenant, fn.name).set(self.backend.replicas(fn))
+        capacity = self.backend.capacity()
+        for state, value in capacity.items():
+            self.metrics.workers.labels(state).set(value)
+
+    def forget(self, fn: FunctionRecord) -> None:
+        self._states.pop(fn.key, None)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.step(time.monotonic())
+            except Exception:
+                log.exception("autoscaler step failed; trying again next tick")
+            await asyncio.sleep(self.settings.scaler_tick_s)

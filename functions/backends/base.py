@@ -1,0 +1,72 @@
+"""The seam between the platform and wherever replicas run (worker processes here, Knative on Kubernetes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from functions.registry import FunctionRecord
+
+# Headers a replica's answer keeps on its way back to the client.
+PASSED_RESPONSE_HEADERS = ("content-type", "inference-header-content-length")
+
+
+@dataclass
+class Outgoing:
+    """One inference request on its way to a replica."""
+
+    path: str  # below the replica's root, e.g. "/v2/models/classify/infer"
+    body: bytes
+    headers: dict[str, str]
+    cold_start_timeout_s: float
+    timeout_s: float
+
+
+@dataclass
+class Forwarded:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    engine: str = ""  # which engine answered ("paddle-inference", "paddle-lite")
+    device: str = ""  # device class billed: gpu, cpu, lite
+    compute_ms: float = 0.0  # what the worker spent computing (billed); excludes queueing and cold start
+    cold_start_s: float | None = None  # set when this request waited for its function to wake
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+WakeListener = Callable[[FunctionRecord], None]
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def deployed(self, fn: FunctionRecord) -> None:
+        """A function became ready (deploy succeeded, or the platform restarted with it)."""
+
+    async def removed(self, fn: FunctionRecord) -> None:
+        """A function was deleted: its replicas go away."""
+
+    async def reconfigured(self, fn: FunctionRecord) -> None:
+        """A function's configuration changed: replicas pick it up (restarting when they must)."""
+
+    def replicas(self, fn: FunctionRecord) -> int:
+        """Replicas running or starting."""
+
+    def pending(self, fn: FunctionRecord) -> int:
+        """Requests held waiting for a replica (bounded by the activator)."""
+
+    async def set_replicas(self, fn: FunctionRecord, count: int) -> None: ...
+
+    async def forward(self, fn: FunctionRecord, request: Outgoing) -> Forwarded:
+        """Send the request to a replica, waking the function first if it sleeps."""
+
+    def on_wake(self, listener: WakeListener) -> None:
+        """Call LISTENER at once whenever a request finds its function asleep."""
+
+    def capacity(self) -> dict[str, int]:
+        """Worker slots: total, in use, idle pre-warmed."""

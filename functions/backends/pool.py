@@ -1,0 +1,268 @@
+"""Worker processes and the pool of pre-warmed ones (as OpenWhisk stem cells or Fission's pool manager).
+
+A worker is started with Paddle imported and its device up, then waits unassigned; taking one from the pool and
+loading a model into it is the whole cold start. A worker serves one function for its life and is never reused:
+sleeping ends the process, which is the only way Paddle gives back (GPU) memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from functions.settings import Settings
+
+log = logging.getLogger("paddlefn.pool")
+
+# Only these reach a worker: tenants' models must not see the platform's secrets (admin key, database URL).
+_PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "PYTHONPATH")
+_PASSED_PREFIXES = ("NVIDIA_", "FLAGS_")
+
+
+class NoCapacity(Exception):
+    """Every worker slot is taken; the backend may put an idle function to sleep to make room."""
+
+
+class WorkerStartError(RuntimeError):
+    pass
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in _PASSED_ENV or k.startswith(_PASSED_PREFIXES)}
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "GLOG_minloglevel": "2",
+            "OMP_NUM_THREADS": str(settings.cpu_threads),
+        }
+    )
+    return env
+
+
+class WorkerProcess:
+    def __init__(self, wid: int, process: asyncio.subprocess.Process, uds: Path, log_path: Path) -> None:
+        self.id = wid
+        self.process = process
+        self.uds = uds
+        self.log_path = log_path
+        self.started_at = time.monotonic()
+        self.client = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(uds)),
+            base_url="http://worker",
+            timeout=httpx.Timeout(60.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+        self.stopping = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+    async def load(self, name: str, parameters: dict[str, Any], timeout: float) -> dict[str, Any]:
+        try:
+            response = await self.client.post(
+                f"/v2/repository/models/{name}/load", json={"parameters": parameters}, timeout=timeout
+            )
+        except httpx.TimeoutException:
+            raise WorkerStartError(f"loading the model took longer than {timeout:g} s") from None
+        except httpx.TransportError:
+            raise WorkerStartError(f"the worker died while loading the model: {self.exit_reason()}") from None
+        if response.status_code != 200:
+            raise WorkerStartError(_error_text(response))
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.stopping = True
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
+                await self.process.wait()
+        await self.client.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            self.uds.unlink()
+
+    def exit_reason(self) -> str:
+        code = self.process.returncode
+        if code is None:
+            return "still running"
+        if code < 0:
+            name = signal.Signals(-code).name
+            why = " (out of memory?)" if name == "SIGKILL" else ""
+            text = f"killed by {name}{why}"
+        else:
+            text = f"exited with status {code}"
+        tail = self.log_tail()
+        return f"{text}; last log line: {tail}" if tail else text
+
+    def log_tail(self) -> str:
+        try:
+            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1][:300] if lines else ""
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error", response.text))
+    except ValueError:
+        return response.text[:300]
+
+
+class WorkerPool:
+    """Starts workers, keeps ``pool_size`` of them warm and unassigned, and never exceeds ``capacity``."""
+
+    def __init__(self, settings: Settings, on_exit: Callable[[WorkerProcess], None]) -> None:
+        self.settings = settings
+        self.capacity = settings.worker_limit
+        self.size = min(settings.pool_size, self.capacity)
+        self._on_exit = on_exit
+        self._ids = itertools.count(1)
+        self.idle: deque[WorkerProcess] = deque()
+        self.live: set[WorkerProcess] = set()
+        self.spawning = 0
+        self._refilling = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.changed = asyncio.Event()  # set whenever a worker exits (capacity may have freed)
+        # Unix socket paths are limited to ~100 bytes, so sockets live in a short temporary folder.
+        self._run_dir = Path(tempfile.mkdtemp(prefix="pfn-"))
+        self._log_dir = settings.data_dir / "logs"
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def used(self) -> int:
+        return len(self.live) + self.spawning
+
+    def refill(self) -> None:
+        """Start workers in the background until ``size`` are warm (or capacity is reached)."""
+        while len(self.idle) + self._refilling < self.size and self.used < self.capacity:
+            self._refilling += 1
+            self._track(asyncio.create_task(self._refill_one(), name="pool-refill"))
+
+    async def _refill_one(self) -> None:
+        try:
+            worker = await self._spawn()
+        except Exception as exc:
+            log.error("could not start a pre-warmed worker: %s", exc)
+            await asyncio.sleep(1.0)  # do not spin when workers cannot start at all
+            return
+        finally:
+            self._refilling -= 1
+        self.idle.append(worker)
+
+    async def take(self) -> WorkerProcess:
+        """A warm worker: from the pool when one is idle, else a new one (a slower, Python-start cold start)."""
+        while self.idle:
+            worker = self.idle.popleft()
+            if worker.alive:
+                self.refill()
+                return worker
+        if self.used >= self.capacity:
+            raise NoCapacity(f"all {self.capacity} worker slots are in use")
+        worker = await self._spawn()
+        self.refill()
+        return worker
+
+    async def _spawn(self) -> WorkerProcess:
+        self.spawning += 1
+        try:
+            return await self._start_process()
+        finally:
+            self.spawning -= 1
+
+    async def _start_process(self) -> WorkerProcess:
+        wid = next(self._ids)
+        uds = self._run_dir / f"w{wid}.sock"
+        log_path = self._log_dir / f"worker-{wid}.log"
+        read_fd, write_fd = os.pipe()
+        args = [
+            sys.executable, "-m", "runtime.server",
+            "--uds", str(uds),
+            "--ready-fd", str(write_fd),
+            "--parent-pid", str(os.getpid()),
+            "--device", self.settings.device,
+        ]  # fmt: skip
+        if self.settings.worker_memory_mb:
+            args += ["--max-memory-mb", str(self.settings.worker_memory_mb)]
+        with log_path.open("ab") as log_file:
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *args,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    pass_fds=(write_fd,),
+                    env=worker_env(self.settings),
+                )
+            finally:
+                os.close(write_fd)
+        worker = WorkerProcess(wid, process, uds, log_path)
+        self.live.add(worker)
+        self._track(asyncio.create_task(self._watch(worker), name=f"watch-worker-{wid}"))
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(_read_line, read_fd), 300)
+        except TimeoutError:
+            await worker.stop(grace=0)
+            raise WorkerStartError("a worker took more than 300 s to import Paddle and start its device") from None
+        if not line:
+            await worker.process.wait()
+            raise WorkerStartError(f"a worker failed to start: {worker.exit_reason()}")
+        info = json.loads(line)
+        log.info("worker %d (pid %d) warm in %.2f s, gpu=%s", wid, worker.pid, info["warm_seconds"], info["gpu"])
+        return worker
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        await worker.process.wait()
+        self.live.discard(worker)
+        with contextlib.suppress(ValueError):
+            self.idle.remove(worker)
+        if not worker.stopping:
+            log.warning("worker %d (pid %d) %s", worker.id, worker.pid, worker.exit_reason())
+        self.changed.set()
+        self.changed = asyncio.Event()
+        self._on_exit(worker)
+        self.refill()
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            if task.get_name() == "pool-refill":
+                task.cancel()
+        await asyncio.gather(*(w.stop(grace=3) for w in list(self.live)), return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        shutil.rmtree(self._run_dir, ignore_errors=True)
+
+
+def _read_line(fd: int) -> str:
+    with os.fdopen(fd, "r") as pipe:
+        return pipe.readline()

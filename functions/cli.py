@@ -1,0 +1,354 @@
+"""``paddlefn``: run the platform, and drive it (tenants, keys, functions) from a terminal.
+
+The commands that talk to a running platform find it through ``--url``/``--key`` or ``PADDLEFN_URL``/
+``PADDLEFN_KEY``; ``--json`` prints machine-readable output for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from functions.client import Client, ClientError
+from functions.settings import Settings, parse_duration
+
+app = typer.Typer(help="Serverless inference for PaddlePaddle models.", no_args_is_help=True)
+tenants_app = typer.Typer(help="Create, list and delete tenants (admin key).", no_args_is_help=True)
+keys_app = typer.Typer(help="A tenant's API keys.", no_args_is_help=True)
+functions_app = typer.Typer(help="List, inspect, reconfigure and delete functions.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(functions_app, name="functions")
+
+console = Console()
+err = Console(stderr=True)
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="PADDLEFN_URL", help="platform base URL")]
+KeyOpt = Annotated[str, typer.Option("--key", envvar="PADDLEFN_KEY", help="API key (admin or tenant)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _client(url: str, key: str) -> Client:
+    return Client(url or DEFAULT_URL, key or None)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(1)
+
+
+def _split(ref: str) -> tuple[str, str]:
+    tenant, sep, name = ref.partition("/")
+    if not sep or not tenant or not name:
+        raise _fail(f"'{ref}' should be TENANT/FUNCTION, e.g. acme/classify")
+    return tenant, name
+
+
+def _duration(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+# ------------------------------------------------------------------ running the platform
+
+
+@app.command()
+def up(
+    host: Annotated[str | None, typer.Option(help="address to listen on [default: 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="port to listen on [default: 8080]")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="state folder [default: .paddlefn]")] = None,
+    idle_timeout: Annotated[str | None, typer.Option(help="sleep after this idle time, e.g. 4s, 15m")] = None,
+    pool_size: Annotated[int | None, typer.Option(help="pre-warmed workers kept ready [default: 2]")] = None,
+    max_workers: Annotated[int | None, typer.Option(help="most worker processes [default: 2 per core]")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, gpu or cpu [default: auto]")] = None,
+    domain: Annotated[str | None, typer.Option(help="functions answer at FN.TENANT.DOMAIN")] = None,
+) -> None:
+    """Run the platform: control plane, gateway, scaler and worker pool, on one machine."""
+    settings = Settings.from_env(
+        host=host, port=port, data_dir=data_dir, idle_timeout_s=_duration(idle_timeout),
+        pool_size=pool_size, max_workers=max_workers, device=device, domain=domain,
+    )  # fmt: skip
+    serve(settings)
+
+
+def serve(settings: Settings, after_start: Any = None) -> None:
+    import logging
+
+    import uvicorn
+
+    from functions.app import create_app
+    from functions.platform import Platform
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("alembic", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    platform = Platform(settings)
+
+    async def announce() -> None:
+        console.print(f"paddlefn is up at [bold]{settings.base_url}[/bold] (data in {settings.data_dir})")
+        if platform.generated_admin_key:
+            console.print(
+                "[yellow]admin key (shown once; set PADDLEFN_ADMIN_KEY to choose your own):[/yellow]\n"
+                f"  {platform.generated_admin_key}"
+            )
+        if after_start is not None:
+            await after_start(platform)
+
+    uvicorn.run(
+        create_app(settings, platform, on_started=announce),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+@app.command()
+def demo(
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
+    data_dir: Annotated[Path, typer.Option(help="state folder for the demo")] = Path(".paddlefn/demo"),
+    exit_after: Annotated[bool, typer.Option("--exit", help="stop once the demo call has been answered")] = False,
+) -> None:
+    """Run the platform with an example tenant and function, call it once, and print how to call it yourself."""
+    from functions.demo import run_demo
+
+    run_demo(port=port, data_dir=data_dir, exit_after=exit_after)
+
+
+@app.command("example-model")
+def example_model(
+    kind: Annotated[str, typer.Argument(help="mlp, mobilenet_v3_small, resnet50 or multi_io")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="folder to write the model into")],
+    fmt: Annotated[str, typer.Option("--format", help="legacy (model.pdmodel) or pir (model.json)")] = "legacy",
+) -> None:
+    """Write a ready-to-deploy example model (random weights) with example inputs and outputs."""
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime.examples", kind, str(out), "--format", fmt],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GLOG_minloglevel": "2"},
+    )
+    if result.returncode:
+        raise _fail(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "could not build it")
+    console.print(f"wrote {kind} to {out}")
+
+
+# ------------------------------------------------------------------ tenants and keys
+
+
+@tenants_app.command("create")
+def tenants_create(name: str, url: UrlOpt = "", key: KeyOpt = "", as_json: JsonOpt = False) -> None:
+    """Create a tenant; prints its first API key (shown once)."""
+    result = _call(lambda c: c.create_tenant(name), url, key)
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(f"tenant [bold]{name}[/bold] created; its API key (shown once):\n  {result['key']['key']}")
+
+
+@tenants_app.command("list")
+def tenants_list(url: UrlOpt = "", key: KeyOpt = "", as_json: JsonOpt = False) -> None:
+    """List tenants."""
+    rows = _call(lambda c: c.list_tenants(), url, key)
+    _table(rows, ["name", "functions", "created_at"], as_json)
+
+
+@tenants_app.command("delete")
+def tenants_delete(name: str, url: UrlOpt = "", key: KeyOpt = "") -> None:
+    """Delete a tenant with its keys, functions and artifacts."""
+    _call(lambda c: c.delete_tenant(name), url, key)
+    console.print(f"tenant {name} deleted")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: str,
+    name: Annotated[str, typer.Option(help="what the key is for")] = "",
+    scope: Annotated[list[str] | None, typer.Option(help="invoke and/or manage (repeat)")] = None,
+    url: UrlOpt = "",
+    key: KeyOpt = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API key for a tenant (shown once)."""
+    result = _call(lambda c: c.create_key(tenant, name, scope), url, key)
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(f"key {result['id']} ({', '.join(result['scopes'])}), shown once:\n  {result['key']}")
+
+
+@keys_app.command("list")
+def keys_list(tenant: str, url: UrlOpt = "", key: KeyOpt = "", as_json: JsonOpt = False) -> None:
+    """List a tenant's keys (never their secrets)."""
+    rows = _call(lambda c: c.list_keys(tenant), url, key)
+    _table(rows, ["id", "name", "scopes", "created_at", "last_used_at", "revoked_at"], as_json)
+
+
+@keys_app.command("revoke")
+def keys_revoke(tenant: str, key_id: str, url: UrlOpt = "", key: KeyOpt = "") -> None:
+    """Revoke a key: it stops working at once."""
+    _call(lambda c: c.revoke_key(tenant, key_id), url, key)
+    console.print(f"key {key_id} revoked")
+
+
+# ------------------------------------------------------------------ functions
+
+
+@app.command()
+def deploy(
+    model: Annotated[Path, typer.Argument(help="model folder, .tar.gz or .zip")],
+    tenant: Annotated[str, typer.Option(help="tenant to deploy into")],
+    name: Annotated[str, typer.Option(help="function name (becomes part of its URL)")],
+    config: Annotated[str | None, typer.Option(help="config as JSON, e.g. '{\"max_scale\": 2}'")] = None,
+    idle_timeout: Annotated[str | None, typer.Option(help="sleep after this idle time, e.g. 30s, 15m")] = None,
+    min_scale: Annotated[int | None, typer.Option(help="replicas kept when idle")] = None,
+    max_scale: Annotated[int | None, typer.Option(help="most replicas")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, gpu or cpu")] = None,
+    batching: Annotated[bool, typer.Option(help="enable dynamic batching")] = False,
+    public: Annotated[bool, typer.Option(help="anyone may invoke it without a key")] = False,
+    wait: Annotated[bool, typer.Option(help="wait until it is ready or failed")] = True,
+    url: UrlOpt = "",
+    key: KeyOpt = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Deploy a model as a function; prints its URL."""
+    try:
+        settings: dict[str, Any] = json.loads(config) if config else {}
+    except json.JSONDecodeError as exc:
+        raise _fail(f"--config is not valid JSON: {exc}") from None
+    for field, value in (
+        ("idle_timeout_s", _duration(idle_timeout)), ("min_scale", min_scale),
+        ("max_scale", max_scale), ("device", device),
+    ):  # fmt: skip
+        if value is not None:
+            settings[field] = value
+    if batching:
+        settings["batching"] = True
+    if public:
+        settings["public"] = True
+    client = _client(url, key)
+    try:
+        with Progress(
+            TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+            console=err, transient=True, disable=as_json,
+        ) as bar:  # fmt: skip
+            task = bar.add_task("upload", total=None)
+            client.deploy(tenant, name, model, settings, progress=lambda d, t: bar.update(task, completed=d, total=t))
+        if wait:
+            with err.status("optimising and running the golden check...", spinner="dots"):
+                fn = client.wait_deployed(tenant, name)
+        else:
+            fn = client.function(tenant, name)
+    except ClientError as exc:
+        raise _fail(exc.message) from None
+    finally:
+        client.close()
+    if as_json:
+        print(json.dumps(fn))
+    elif fn["status"] == "failed":
+        raise _fail(f"deploy failed: {fn['error']}")
+    else:
+        console.print(f"[green]{fn['status']}[/green] {tenant}/{name}\n  URL: {fn['url']}")
+    if fn["status"] == "failed":
+        raise typer.Exit(1)
+
+
+@functions_app.command("list")
+def functions_list(tenant: str, url: UrlOpt = "", key: KeyOpt = "", as_json: JsonOpt = False) -> None:
+    """List a tenant's functions with their state and replicas."""
+    rows = _call(lambda c: c.functions(tenant), url, key)
+    _table(rows, ["name", "state", "replicas", "last_request_at", "url", "error"], as_json)
+
+
+@functions_app.command("show")
+def functions_show(ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")], url: UrlOpt = "", key: KeyOpt = "") -> None:
+    """Show one function in full (JSON)."""
+    tenant, name = _split(ref)
+    print(json.dumps(_call(lambda c: c.function(tenant, name), url, key), indent=2))
+
+
+@functions_app.command("update")
+def functions_update(
+    ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")],
+    config: Annotated[str, typer.Option(help="fields to change, as JSON, e.g. '{\"idle_timeout_s\": 60}'")],
+    url: UrlOpt = "",
+    key: KeyOpt = "",
+) -> None:
+    """Change a function's configuration."""
+    tenant, name = _split(ref)
+    try:
+        patch = json.loads(config)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"--config is not valid JSON: {exc}") from None
+    fn = _call(lambda c: c.update_function(tenant, name, patch), url, key)
+    console.print(json.dumps(fn["config"]))
+
+
+@functions_app.command("delete")
+def functions_delete(ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")], url: UrlOpt = "", key: KeyOpt = "") -> None:
+    """Delete a function and its artifacts."""
+    tenant, name = _split(ref)
+    _call(lambda c: c.delete_function(tenant, name), url, key)
+    console.print(f"{ref} deleted")
+
+
+@app.command()
+def invoke(
+    ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")],
+    data: Annotated[Path, typer.Option(help="OIP request body as a JSON file ('-' for stdin)")],
+    url: UrlOpt = "",
+    key: KeyOpt = "",
+) -> None:
+    """Send one Open Inference Protocol request and print the answer."""
+    tenant, name = _split(ref)
+    text = sys.stdin.read() if str(data) == "-" else data.read_text()
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"{data} is not valid JSON: {exc}") from None
+    print(json.dumps(_call(lambda c: c.infer(tenant, name, body), url, key)))
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _call(action: Any, url: str, key: str) -> Any:
+    client = _client(url, key)
+    try:
+        return action(client)
+    except ClientError as exc:
+        raise _fail(exc.message) from None
+    finally:
+        client.close()
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else _cell(row[c]) for c in columns))
+    console.print(table)
+
+
+def _cell(value: Any) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,79 @@
+"""The deploy pipeline's slow half: prepare an unpacked model in its own process (``runtime.prepare``).
+
+The fast half (safe unpack, format detection) runs while the upload request is still open, so a bad archive is
+a 400 at once; this half (optimisation, golden check) runs in the background and ends in ``ready`` or ``failed``
+with a reason. A crash or hang inside Paddle ends the subprocess, never the platform.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from functions.backends.pool import worker_env
+from functions.settings import Settings
+from runtime.spec import Manifest
+
+log = logging.getLogger("paddlefn.deploy")
+
+
+class DeployFailed(Exception):
+    """The model cannot be served; the message is the reason shown on the function."""
+
+
+async def prepare_model(
+    settings: Settings, model_dir: Path, out: Path, *, device: str, batching: bool
+) -> Manifest:
+    args = [sys.executable, "-m", "runtime.prepare", str(model_dir), str(out), "--device", device]
+    if batching:
+        args.append("--batching")
+    process = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=worker_env(settings),
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), settings.deploy_timeout_s)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        raise DeployFailed(
+            f"preparing the model took longer than {settings.deploy_timeout_s:g} s (optimisation and golden check)"
+        ) from None
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        raise
+    result = _last_json_line(stdout)
+    if process.returncode and process.returncode < 0:
+        name = signal.Signals(-process.returncode).name
+        tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        raise DeployFailed(
+            f"Paddle crashed ({name}) while loading or optimising the model; it may use an operator this "
+            f"Paddle {device.upper()} build cannot run. Last message: {tail[0][:300]}"
+        )
+    if result is None:
+        tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
+        raise DeployFailed(f"preparing the model failed (status {process.returncode}): {' | '.join(tail)[:500]}")
+    if "error" in result:
+        raise DeployFailed(str(result["error"]))
+    return Manifest.load(out)
+
+
+def _last_json_line(stdout: bytes) -> dict[str, object] | None:
+    for line in reversed(stdout.decode(errors="replace").splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(line)
+                if isinstance(parsed, dict):
+                    return parsed
+    return None

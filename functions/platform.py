@@ -1,0 +1,422 @@
+"""The platform: tenants, keys and functions, wired to the store, the deploy pipeline, a backend and the scaler.
+
+Every change goes to the store first and then to the in-memory tables (key ring, function registry) that the
+request path reads, so a restart rebuilds the same state. Background loops (autoscaler, bookkeeping) are owned
+here and survive a failed step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from functions import archive
+from functions.activator import Activator
+from functions.auth import ADMIN, ENV_ADMIN_ID, KeyRing, NewKey, Principal, hash_secret, new_key, parse_scopes
+from functions.autoscaler import Autoscaler
+from functions.backends.base import Backend
+from functions.deploy import DeployFailed, prepare_model
+from functions.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from functions.metrics import Metrics
+from functions.registry import (
+    DEPLOYING,
+    FAILED,
+    READY,
+    FunctionConfig,
+    FunctionRecord,
+    Registry,
+    check_name,
+)
+from functions.settings import Settings
+from functions.store import ApiKey, Function, Store, Tenant
+from functions.store.models import utcnow
+from functions.usage import DiscardUsage, UsageSink
+from runtime.model_files import ModelFormatError, find_model
+from runtime.spec import Manifest
+
+log = logging.getLogger("paddlefn")
+
+
+def config_errors(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()
+    )
+
+
+class Platform:
+    def __init__(self, settings: Settings, *, backend: Backend | None = None, usage: UsageSink | None = None) -> None:
+        self.settings = settings
+        self.store = Store(settings.database)
+        self.keys = KeyRing()
+        self.registry = Registry()
+        self.metrics = Metrics()
+        if backend is None:
+            from functions.backends.local import LocalBackend
+
+            backend = LocalBackend(settings)
+        self.backend = backend
+        self.usage: UsageSink = usage or DiscardUsage()
+        self.activator = Activator(
+            max_pending_per_function=settings.max_pending_per_function,
+            max_pending_per_tenant=settings.max_pending_per_tenant,
+            pending_of=backend.pending,
+        )
+        self.autoscaler = Autoscaler(self.registry, backend, self.activator, settings, self.metrics)
+        self.backend.on_wake(self.activator.touch)
+        self._deploys = asyncio.Semaphore(settings.max_concurrent_deploys)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.generated_admin_key: str | None = None  # set on a first start without PADDLEFN_ADMIN_KEY
+        self.started_at = time.time()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.settings.data_dir / "tmp").mkdir(exist_ok=True)
+        self._load_keys()
+        self._load_functions()
+        await self.backend.start()
+        self._spawn(self.autoscaler.run(), "autoscaler")
+        self._spawn(self._bookkeeping(), "bookkeeping")
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._flush_last_used()
+        await self.backend.close()
+        self.store.close()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _load_keys(self) -> None:
+        with self.store.session() as s:
+            if self.settings.admin_key:
+                s.merge(ApiKey(id=ENV_ADMIN_ID, tenant_id=None, name="PADDLEFN_ADMIN_KEY",
+                               secret_hash=hash_secret(self.settings.admin_key), scopes=ADMIN))  # fmt: skip
+            else:
+                s.execute(update(ApiKey).where(ApiKey.id == ENV_ADMIN_ID).values(revoked_at=utcnow()))
+                has_admin = s.scalar(select(ApiKey.id).where(ApiKey.tenant_id.is_(None), ApiKey.revoked_at.is_(None)))
+                if has_admin is None:
+                    key = new_key()
+                    s.add(ApiKey(id=key.id, tenant_id=None, name="generated admin key",
+                                 secret_hash=key.secret_hash, scopes=ADMIN))  # fmt: skip
+                    self.generated_admin_key = key.token
+            rows = s.execute(
+                select(ApiKey, Tenant.name).outerjoin(Tenant, ApiKey.tenant_id == Tenant.id)
+                .where(ApiKey.revoked_at.is_(None))
+            ).all()  # fmt: skip
+        for key_row, tenant in rows:
+            self.keys.add(key_row.id, key_row.secret_hash, _principal(key_row, tenant))
+
+    def _load_functions(self) -> None:
+        with self.store.session() as s:
+            # A deploy cut short by a restart cannot be resumed: say so rather than stay "deploying" forever.
+            s.execute(
+                update(Function).where(Function.status == DEPLOYING)
+                .values(status=FAILED, error="the platform restarted during the deploy; deploy the model again",
+                        updated_at=utcnow())
+            )  # fmt: skip
+            rows = s.execute(select(Function, Tenant.name).join(Tenant, Function.tenant_id == Tenant.id)).all()
+        for row, tenant in rows:
+            self.registry.put(self._record(row, tenant))
+
+    def _record(self, row: Function, tenant: str) -> FunctionRecord:
+        return FunctionRecord(
+            id=row.id,
+            tenant=tenant,
+            name=row.name,
+            status=row.status,
+            config=FunctionConfig.model_validate(row.config),
+            version=row.version,
+            artifact_dir=self.settings.data_dir / row.artifact_dir,
+            manifest=Manifest.from_json(row.manifest) if row.manifest else None,
+            error=row.error,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            last_request_at=row.last_request_at,
+        )
+
+    async def _bookkeeping(self) -> None:
+        """Write key last-used and function last-request times in batches, not on every request."""
+        while True:
+            await asyncio.sleep(5)
+            try:
+                await asyncio.to_thread(self._flush_last_used)
+            except Exception:
+                log.exception("bookkeeping step failed; will retry")
+
+    def _flush_last_used(self) -> None:
+        used = self.keys.drain_last_used()
+        functions = [(r.id, r.last_request_at) for r in self.registry.all() if r.last_request_at]
+        if not used and not functions:
+            return
+        with self.store.session() as s:
+            for key_id, when in used.items():
+                s.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=when))
+            for fid, when in functions:
+                s.execute(update(Function).where(Function.id == fid).values(last_request_at=when))
+
+    # ---------------------------------------------------------------- access
+
+    def authenticate(self, authorization: str | None) -> Principal | None:
+        return self.keys.authenticate(authorization)
+
+    def tenant_for(self, principal: Principal | None, tenant: str, scope: str) -> int:
+        """The tenant's id if PRINCIPAL may act on it with SCOPE; other tenants' things are 'not found'."""
+        if principal is None:
+            raise Unauthorized("this endpoint needs an API key: send 'Authorization: Bearer <key>'")
+        if not principal.is_admin and principal.tenant != tenant:
+            raise NotFound(f"tenant '{tenant}' not found")
+        with self.store.session() as s:
+            tenant_id = s.scalar(select(Tenant.id).where(Tenant.name == tenant))
+        if tenant_id is None:
+            raise NotFound(f"tenant '{tenant}' not found")
+        if not principal.is_admin and scope not in principal.scopes:
+            raise Forbidden(f"this key lacks the '{scope}' scope (it has: {', '.join(sorted(principal.scopes))})")
+        return tenant_id
+
+    @staticmethod
+    def require_admin(principal: Principal | None) -> None:
+        if principal is None:
+            raise Unauthorized("this endpoint needs the admin key: send 'Authorization: Bearer <admin key>'")
+        if not principal.is_admin:
+            raise Forbidden("only the admin key may do this")
+
+    # ---------------------------------------------------------------- tenants and keys
+
+    def create_tenant(self, name: str) -> tuple[Tenant, ApiKey, NewKey]:
+        problem = check_name("tenant", name)
+        if problem:
+            raise BadRequest(problem)
+        key = new_key()
+        try:
+            with self.store.session() as s:
+                tenant = Tenant(name=name)
+                s.add(tenant)
+                s.flush()
+                row = ApiKey(id=key.id, tenant_id=tenant.id, name="first key", secret_hash=key.secret_hash,
+                             scopes="invoke,manage")  # fmt: skip
+                s.add(row)
+        except IntegrityError:
+            raise Conflict(f"tenant '{name}' already exists") from None
+        self.keys.add(key.id, key.secret_hash, _principal(row, name))
+        (self.settings.data_dir / "tenants" / name).mkdir(parents=True, exist_ok=True, mode=0o700)
+        return tenant, row, key
+
+    def list_tenants(self) -> list[Tenant]:
+        with self.store.session() as s:
+            return list(s.scalars(select(Tenant).order_by(Tenant.name)))
+
+    def get_tenant(self, name: str) -> Tenant:
+        with self.store.session() as s:
+            tenant = s.scalar(select(Tenant).where(Tenant.name == name))
+        if tenant is None:
+            raise NotFound(f"tenant '{name}' not found")
+        return tenant
+
+    async def delete_tenant(self, name: str) -> None:
+        tenant = self.get_tenant(name)
+        for fn in self.registry.of_tenant(name):
+            await self._remove_function(fn)
+        with self.store.session() as s:
+            s.execute(ApiKey.__table__.delete().where(ApiKey.tenant_id == tenant.id))
+            s.execute(Function.__table__.delete().where(Function.tenant_id == tenant.id))
+            s.execute(Tenant.__table__.delete().where(Tenant.id == tenant.id))
+        self.keys.remove_tenant(name)
+        shutil.rmtree(self.settings.data_dir / "tenants" / name, ignore_errors=True)
+
+    def create_key(self, tenant: str, tenant_id: int, name: str, scopes: list[str] | None) -> tuple[ApiKey, NewKey]:
+        try:
+            parsed = parse_scopes(scopes)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        key = new_key()
+        with self.store.session() as s:
+            row = ApiKey(id=key.id, tenant_id=tenant_id, name=name, secret_hash=key.secret_hash,
+                         scopes=",".join(sorted(parsed)))  # fmt: skip
+            s.add(row)
+        self.keys.add(key.id, key.secret_hash, _principal(row, tenant))
+        return row, key
+
+    def list_keys(self, tenant_id: int) -> list[ApiKey]:
+        with self.store.session() as s:
+            return list(s.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)))
+
+    def revoke_key(self, tenant_id: int, key_id: str) -> None:
+        with self.store.session() as s:
+            row = s.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.tenant_id == tenant_id))
+            if row is None or row.revoked_at is not None:
+                raise NotFound(f"key '{key_id}' not found")
+            row.revoked_at = utcnow()
+        self.keys.remove(key_id)
+
+    # ---------------------------------------------------------------- functions
+
+    def function(self, tenant: str, name: str) -> FunctionRecord:
+        fn = self.registry.get(tenant, name)
+        if fn is None:
+            raise NotFound(f"function '{name}' not found in tenant '{tenant}'")
+        return fn
+
+    def parse_config(self, raw: dict[str, Any]) -> FunctionConfig:
+        try:
+            return FunctionConfig.model_validate(raw)
+        except ValidationError as exc:
+            raise BadRequest(f"invalid config: {config_errors(exc)}") from None
+
+    async def create_function(
+        self, tenant: str, tenant_id: int, name: str, upload: IO[bytes], config: FunctionConfig
+    ) -> FunctionRecord:
+        problem = check_name("function", name)
+        if problem:
+            raise BadRequest(problem)
+        if self.registry.get(tenant, name) is not None:
+            raise Conflict(f"function '{name}' already exists in tenant '{tenant}'; delete it first or pick a name")
+        version = uuid.uuid4().hex[:12]
+        relative = Path("tenants") / tenant / "functions" / name / version
+        artifact_dir = self.settings.data_dir / relative
+        limits = archive.Limits(self.settings.max_unpacked_bytes, self.settings.max_archive_files)
+        try:
+            await asyncio.to_thread(archive.unpack, upload, artifact_dir / "model", limits)
+            find_model(artifact_dir / "model")
+        except ModelFormatError as exc:
+            shutil.rmtree(artifact_dir.parent, ignore_errors=True)
+            raise BadRequest(str(exc)) from None
+        except BaseException:
+            shutil.rmtree(artifact_dir.parent, ignore_errors=True)
+            raise
+        now = utcnow()
+        try:
+            with self.store.session() as s:
+                row = Function(tenant_id=tenant_id, name=name, status=DEPLOYING, config=config.model_dump(),
+                               version=version, artifact_dir=str(relative), created_at=now, updated_at=now)  # fmt: skip
+                s.add(row)
+        except IntegrityError:
+            shutil.rmtree(artifact_dir, ignore_errors=True)
+            raise Conflict(f"function '{name}' already exists in tenant '{tenant}'") from None
+        record = self._record(row, tenant)
+        self.registry.put(record)
+        self._spawn(self._deploy(record), f"deploy-{record.label}")
+        return record
+
+    async def _deploy(self, record: FunctionRecord) -> None:
+        try:
+            async with self._deploys:
+                manifest = await prepare_model(
+                    self.settings,
+                    record.artifact_dir / "model",
+                    record.serving_dir,
+                    device=record.config.device,
+                    batching=record.config.batching is not None,
+                )
+        except DeployFailed as exc:
+            await self._finish_deploy(record, None, str(exc))
+        except Exception as exc:
+            log.exception("deploy of %s failed unexpectedly", record.label)
+            await self._finish_deploy(record, None, f"deploy failed unexpectedly: {exc!r}")
+        else:
+            await self._finish_deploy(record, manifest, None)
+
+    async def _finish_deploy(self, record: FunctionRecord, manifest: Manifest | None, error: str | None) -> None:
+        current = self.registry.get(record.tenant, record.name)
+        if current is None or current.id != record.id:
+            return  # deleted while it deployed; its files went with it
+        status = READY if manifest else FAILED
+        now = utcnow()
+        with self.store.session() as s:
+            s.execute(
+                update(Function).where(Function.id == record.id).values(
+                    status=status, error=error, updated_at=now,
+                    manifest=manifest.to_json() if manifest else None)
+            )  # fmt: skip
+        updated = dataclasses.replace(current, status=status, error=error, manifest=manifest, updated_at=now)
+        self.registry.put(updated)
+        if manifest is None:
+            log.info("deploy of %s failed: %s", record.label, error)
+            shutil.rmtree(record.serving_dir, ignore_errors=True)
+            return
+        log.info("deployed %s (%s program)", record.label, manifest.golden.get("served_program"))
+        self.activator.touch(updated)
+        await self.backend.deployed(updated)
+
+    async def update_function(self, fn: FunctionRecord, patch: dict[str, Any]) -> FunctionRecord:
+        merged = {**fn.config.model_dump(), **patch}
+        config = self.parse_config(merged)
+        if config.batching and fn.manifest and not fn.manifest.spec.batchable:
+            raise BadRequest("batching needs a free first (batch) dimension on every input and output of the model")
+        now = utcnow()
+        with self.store.session() as s:
+            s.execute(update(Function).where(Function.id == fn.id).values(config=config.model_dump(), updated_at=now))
+        updated = dataclasses.replace(fn, config=config, updated_at=now)
+        self.registry.put(updated)
+        if updated.status == READY:
+            await self.backend.reconfigured(updated)
+        return updated
+
+    async def delete_function(self, fn: FunctionRecord) -> None:
+        await self._remove_function(fn)
+        with self.store.session() as s:
+            s.execute(Function.__table__.delete().where(Function.id == fn.id))
+
+    async def _remove_function(self, fn: FunctionRecord) -> None:
+        self.registry.remove(fn.tenant, fn.name)
+        await self.backend.removed(fn)
+        self.activator.forget(fn)
+        self.autoscaler.forget(fn)
+        self.metrics.forget(fn.tenant, fn.name)
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(shutil.rmtree, fn.artifact_dir.parent)
+
+    def function_view(self, fn: FunctionRecord) -> dict[str, Any]:
+        """The function as the API shows it."""
+        replicas = self.backend.replicas(fn)
+        view: dict[str, Any] = {
+            "name": fn.name,
+            "tenant": fn.tenant,
+            "status": fn.status,
+            "state": _state(fn, replicas),
+            "replicas": replicas,
+            "url": f"{self.settings.base_url}/t/{fn.tenant}/v2/models/{fn.name}",
+            "host_url": f"http://{fn.name}.{fn.tenant}.{self.settings.domain}:{self.settings.port}/v2/models/{fn.name}",
+            "error": fn.error,
+            "config": fn.config.model_dump(),
+            "version": fn.version,
+            "created_at": fn.created_at.isoformat(),
+            "updated_at": fn.updated_at.isoformat(),
+            "last_request_at": fn.last_request_at.isoformat() if fn.last_request_at else None,
+            "in_flight": self.activator.in_flight(fn),
+        }
+        if fn.manifest:
+            view["inputs"] = [t.to_json() for t in fn.manifest.spec.inputs]
+            view["outputs"] = [t.to_json() for t in fn.manifest.spec.outputs]
+            view["golden"] = fn.manifest.golden
+            view["notes"] = fn.manifest.notes
+            view["device"] = fn.manifest.device
+        return view
+
+
+def _state(fn: FunctionRecord, replicas: int) -> str:
+    if fn.status != READY:
+        return fn.status
+    return "asleep" if replicas == 0 else "warm"
+
+
+def _principal(row: ApiKey, tenant: str | None) -> Principal:
+    return Principal(key_id=row.id, tenant=tenant, scopes=frozenset(row.scopes.split(",")))

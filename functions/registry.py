@@ -1,0 +1,134 @@
+"""Functions as the platform sees them: their configuration, and the in-memory table the gateway reads.
+
+The table is the only thing the request path consults (no database round trip per request); the control plane
+writes the store first and then the table, so a restart rebuilds the same table from the store.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from runtime.spec import Manifest
+
+NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+NAME_RULE = "1-63 characters: lowercase letters, digits and '-', starting with a letter and not ending with '-'"
+
+DEPLOYING, READY, FAILED = "deploying", "ready", "failed"
+
+
+def check_name(kind: str, name: str) -> str | None:
+    """None when NAME is valid (it must be a DNS label: it becomes a host name and a Kubernetes name)."""
+    return None if NAME.match(name) else f"{kind} name '{name}' is not valid: {NAME_RULE}"
+
+
+class Batching(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=2, le=1024, description="largest batch the worker runs at once")
+    max_queue_delay_ms: float = Field(
+        2.0, ge=0, le=1000, description="how long a batch waits for more requests after its first"
+    )
+
+
+class FunctionConfig(BaseModel):
+    """What a tenant may set per function (multipart field ``config`` on deploy, or PATCH)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    idle_timeout_s: float | None = Field(None, gt=0, description="sleep after this many idle seconds")
+    min_scale: int = Field(0, ge=0, le=64, description="replicas kept even when idle (0: may sleep)")
+    max_scale: int = Field(4, ge=1, le=256, description="most replicas at once")
+    target_concurrency: int = Field(2, ge=1, le=1000, description="in-flight requests per replica to aim for")
+    container_concurrency: int = Field(
+        0, ge=0, le=1000, description="hard limit of in-flight requests per replica (0: twice the target)"
+    )
+    device: Literal["auto", "gpu", "cpu"] = Field("auto", description="where replicas run")
+    public: bool = Field(False, description="anyone may invoke it without a key (only invoke)")
+    batching: Batching | None = Field(None, description="dynamic batching; true for the defaults")
+    cold_start_timeout_s: float | None = Field(None, gt=0, le=3600, description="wait this long for a wake-up")
+    timeout_s: float | None = Field(None, gt=0, le=3600, description="time limit for one request")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batching_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("batching") is True:
+            return {**data, "batching": {}}
+        if isinstance(data, dict) and data.get("batching") is False:
+            return {**data, "batching": None}
+        return data
+
+    @model_validator(mode="after")
+    def _scale_bounds(self) -> FunctionConfig:
+        if self.min_scale > self.max_scale:
+            raise ValueError(f"min_scale ({self.min_scale}) is above max_scale ({self.max_scale})")
+        return self
+
+    @property
+    def slots_per_replica(self) -> int:
+        """Requests a replica takes at once; the rest wait at the gateway (where fairness is enforced)."""
+        if self.container_concurrency:
+            return self.container_concurrency
+        if self.batching:
+            return 2 * self.batching.max_batch_size
+        return 2 * self.target_concurrency
+
+    @property
+    def scaling_target(self) -> int:
+        return self.batching.max_batch_size if self.batching else self.target_concurrency
+
+
+@dataclass
+class FunctionRecord:
+    id: int
+    tenant: str
+    name: str
+    status: str
+    config: FunctionConfig
+    version: str
+    artifact_dir: Path  # absolute: holds model/ (as uploaded) and serving/ (prepared)
+    manifest: Manifest | None
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    last_request_at: datetime | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant, self.name)
+
+    @property
+    def serving_dir(self) -> Path:
+        return self.artifact_dir / "serving"
+
+    @property
+    def label(self) -> str:
+        return f"{self.tenant}/{self.name}"
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[str, str], FunctionRecord] = {}
+
+    def put(self, record: FunctionRecord) -> None:
+        self._by_key[record.key] = record
+
+    def get(self, tenant: str, name: str) -> FunctionRecord | None:
+        return self._by_key.get((tenant, name))
+
+    def remove(self, tenant: str, name: str) -> FunctionRecord | None:
+        return self._by_key.pop((tenant, name), None)
+
+    def of_tenant(self, tenant: str) -> list[FunctionRecord]:
+        return sorted((r for r in self._by_key.values() if r.tenant == tenant), key=lambda r: r.name)
+
+    def all(self) -> list[FunctionRecord]:
+        return list(self._by_key.values())
+
+    def ready(self) -> list[FunctionRecord]:
+        return [r for r in self._by_key.values() if r.status == READY]
