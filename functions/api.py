@@ -233,7 +233,12 @@ def capacity(platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
     """Worker slots and which functions are warm (admin)."""
     platform.require_admin(principal)
     warm = [
-        {"tenant": f.tenant, "function": f.name, "replicas": platform.backend.replicas(f)}
+        {
+            "tenant": f.tenant,
+            "function": f.name,
+            "replicas": platform.backend.replicas(f),
+            "ready": platform.backend.replica_info(f),
+        }
         for f in platform.registry.ready()
         if platform.backend.replicas(f)
     ]

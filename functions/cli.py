@@ -352,3 +352,7 @@ def _cell(value: Any) -> str:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

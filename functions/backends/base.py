@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from functions.registry import FunctionRecord
 
@@ -56,6 +56,9 @@ class Backend(Protocol):
 
     def replicas(self, fn: FunctionRecord) -> int:
         """Replicas running or starting."""
+
+    def replica_info(self, fn: FunctionRecord) -> list[dict[str, Any]]:
+        """What an operator may want to see of each ready replica (process id, load)."""
 
     def pending(self, fn: FunctionRecord) -> int:
         """Requests held waiting for a replica (bounded by the activator)."""

@@ -114,6 +114,12 @@ class LocalBackend:
         rs = self._sets.get(fn.key)
         return rs.count if rs else 0
 
+    def replica_info(self, fn: FunctionRecord) -> list[dict[str, Any]]:
+        rs = self._sets.get(fn.key)
+        if rs is None:
+            return []
+        return [{"pid": r.worker.pid, "in_flight": r.in_flight, "slots": r.slots} for r in rs.replicas]
+
     def pending(self, fn: FunctionRecord) -> int:
         rs = self._sets.get(fn.key)
         return sum(1 for w in rs.waiters if not w.done()) if rs else 0
