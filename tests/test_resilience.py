@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def test_a_platform_killed_with_sigkill_leaves_no_workers_behind(platform_factor
     acme = make_tenant(p, "acme")
     deploy(acme, "classify", models["mlp"])
     pids = wait_for(lambda: replica_pids(p, "acme", "classify"), what="a warm replica")
-    children = [int(x) for x in open(f"/proc/{p.process.pid}/task/{p.process.pid}/children").read().split()]
+    children = [int(x) for x in Path(f"/proc/{p.process.pid}/task/{p.process.pid}/children").read_text().split()]
     assert set(pids) <= set(children)
     p.stop(signal.SIGKILL)
     wait_for(lambda: not any(process_exists(c) for c in children), timeout=15, what="workers to exit")
