@@ -309,18 +309,47 @@ def functions_delete(ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")]
 @app.command()
 def invoke(
     ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")],
-    data: Annotated[Path, typer.Option(help="OIP request body as a JSON file ('-' for stdin)")],
+    data: Annotated[Path | None, typer.Option(help="OIP request body as a JSON file ('-' for stdin)")] = None,
+    example: Annotated[
+        Path | None, typer.Option(help="model folder whose example_inputs.npz to send (as `example-model` writes)")
+    ] = None,
     url: UrlOpt = "",
     key: KeyOpt = "",
 ) -> None:
     """Send one Open Inference Protocol request and print the answer."""
     tenant, name = _split(ref)
-    text = sys.stdin.read() if str(data) == "-" else data.read_text()
+    if (data is None) == (example is None):
+        raise _fail("give exactly one of --data FILE (an OIP JSON body) or --example MODEL_DIR")
+    body = _example_body(example) if example is not None else _json_body(data)  # type: ignore[arg-type]
+    print(json.dumps(_call(lambda c: c.infer(tenant, name, body), url, key)))
+
+
+def _json_body(data: Path) -> Any:
     try:
-        body = json.loads(text)
+        text = sys.stdin.read() if str(data) == "-" else data.read_text()
+        return json.loads(text)
+    except OSError as exc:
+        raise _fail(f"cannot read {data}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise _fail(f"{data} is not valid JSON: {exc}") from None
-    print(json.dumps(_call(lambda c: c.infer(tenant, name, body), url, key)))
+
+
+def _example_body(model_dir: Path) -> dict[str, Any]:
+    import numpy as np
+
+    from runtime.spec import oip_datatype
+
+    path = model_dir / "example_inputs.npz"
+    if not path.is_file():
+        raise _fail(f"{path} does not exist; `paddlefn example-model KIND -o DIR` writes one")
+    with np.load(path) as inputs:
+        tensors = {n: inputs[n] for n in inputs.files}
+    return {
+        "inputs": [
+            {"name": n, "shape": list(a.shape), "datatype": oip_datatype(a.dtype), "data": a.ravel().tolist()}
+            for n, a in tensors.items()
+        ]
+    }
 
 
 # ------------------------------------------------------------------ helpers
