@@ -7,7 +7,8 @@ PYTHON ?= python3
 # uv from PATH when present, else the one pip installs (python -m uv works without PATH changes).
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests use for real: Prometheus (scraped in the cluster tests).
+# Debian packages the tests use for real: Prometheus (scraped in the cluster tests) and, when the machine has
+# no PostgreSQL server binaries, postgresql (the store's PostgreSQL test).
 APT_PACKAGES := prometheus
 
 .PHONY: demo test setup lite system-packages lint bench clean
@@ -32,6 +33,7 @@ lite:
 
 system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
