@@ -6,6 +6,7 @@ them (see ``Settings.from_env``), and ``paddlefn up`` options override those.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
@@ -25,6 +26,8 @@ def parse_duration(text: str | float | int) -> float:
         if not match:
             raise ValueError(f"'{text}' is not a duration: use a number with ms, s, m, h or d (e.g. 15m)")
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if math.isnan(seconds):
+        raise ValueError("duration must be a number of seconds, got NaN")
     if seconds < 0:
         raise ValueError(f"duration must not be negative, got {text}")
     return seconds
