@@ -125,9 +125,27 @@ def prepare(src: Path, out: Path, *, device: str = "auto", batching: bool = Fals
             "atol": ATOL,
         },
         notes=notes,
+        lite=_lite(files, out, golden_inputs, reference, spec),
     )
     manifest.save(out)
     return manifest
+
+
+def _lite(
+    files: ModelFiles, out: Path, inputs: dict[str, np.ndarray], reference: Outputs, spec: ModelSpec
+) -> dict[str, Any]:
+    """Paddle Lite conversion (see runtime.lite.convert); its failure never fails the deploy."""
+    from runtime.lite.convert import LITE_VERSION, convert_for_deploy
+
+    if files.format != "legacy":
+        return {
+            "available": False,
+            "version": LITE_VERSION,
+            "reason": "Paddle Lite reads only the legacy program format (model.pdmodel), not Paddle 3's "
+            "model.json: export with FLAGS_enable_pir_api=0 set before importing paddle, then paddle.jit.save",
+        }
+    outputs = [t.name for t in spec.outputs]
+    return convert_for_deploy(files.program, files.params, out, inputs, reference, outputs)
 
 
 def read_spec(files: ModelFiles) -> ModelSpec:
