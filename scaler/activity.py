@@ -1,0 +1,138 @@
+"""Which functions are active, from metric samples and wake signals: the scaler's state between ticks.
+
+KEDA asks two questions per ScaledObject: *is it active?* (0 <-> 1, answered here with ``scaler.policy``) and
+*how much load?* (1 <-> N: the metric value that KEDA's HPA divides by the target). The board answers both
+from plain data, with time passed in as ``now`` so every rule is testable with a fake clock.
+
+- A sample carries sums over all gateway replicas: requests in flight (waiting included), waiting, and the
+  request counter. A counter that moved since the previous sample means a request arrived in between, even
+  when none was in flight at the scrape: that is how "last request" is known without one query per function.
+- A wake signal (a request found its function asleep) counts as a request and turns the function active at
+  once; watchers (``StreamIsActive`` streams) hear about every change of activity without waiting for a tick.
+- Who waits for the idle timeout: by default KEDA (``cooldownPeriod`` carries it) and the scaler reports
+  activity within ``activity_window_s`` (a scrape interval or two, so sparse traffic does not flicker).
+  A ScaledObject may also set ``idleTimeout`` in its trigger metadata to have the scaler wait itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from scaler.policy import Load, Scaling, State, decide
+
+Key = tuple[str, str]  # (tenant, function)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One function's numbers in one Prometheus answer (sums over gateway replicas)."""
+
+    in_flight: float = 0.0  # being served or waiting (paddlefn_in_flight_requests)
+    pending: float = 0.0  # waiting for a replica (paddlefn_pending_requests)
+    requests: float = 0.0  # paddlefn_requests_total, all codes
+
+
+@dataclass
+class Entry:
+    scaling: Scaling = field(default_factory=Scaling)
+    requests: float | None = None  # counter at the previous sample
+    last_request_at: float | None = None
+    load: Load = field(default_factory=Load)
+    state: State = field(default_factory=State)
+    active: bool = False
+    watchers: set[asyncio.Queue[bool]] = field(default_factory=set)
+
+
+class Board:
+    def __init__(self, activity_window_s: float = 30.0) -> None:
+        self.activity_window_s = activity_window_s
+        self._entries: dict[Key, Entry] = {}
+
+    def _entry(self, key: Key) -> Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = Entry()
+        return entry
+
+    def configure(self, key: Key, scaling: Scaling) -> None:
+        """Scaling settings as KEDA's ScaledObject states them (they arrive with every call)."""
+        self._entry(key).scaling = scaling
+
+    def observe(self, samples: Mapping[Key, Sample], now: float) -> None:
+        """Take one tick's samples; a function absent from them has no load (its series went stale)."""
+        for key, sample in samples.items():
+            entry = self._entry(key)
+            moved = entry.requests is not None and sample.requests != entry.requests  # resets count too
+            if moved or (entry.requests is None and sample.requests > 0) or sample.in_flight > 0:
+                # First sight of a used function (scaler restart): treat as recent. A sleeping one stays
+                # asleep: the policy never wakes a function at 0 without demand.
+                entry.last_request_at = now
+            entry.requests = sample.requests
+            waiting = max(sample.pending, 0.0)
+            serving = max(sample.in_flight - waiting, 0.0)
+            entry.load = Load(
+                in_flight=math.ceil(serving),
+                pending=math.ceil(waiting),
+                peak=math.ceil(serving + waiting),
+                seconds_since_request=None if entry.last_request_at is None else now - entry.last_request_at,
+            )
+        for key, entry in self._entries.items():
+            if key not in samples:
+                since = None if entry.last_request_at is None else now - entry.last_request_at
+                entry.load = Load(seconds_since_request=since)
+            self._decide(entry, now)
+
+    def _decide(self, entry: Entry, now: float) -> None:
+        scaling = entry.scaling
+        # The scaler's own idle wait is never shorter than the activity window (see the module docstring).
+        effective = Scaling(
+            min_scale=scaling.min_scale,
+            max_scale=scaling.max_scale,
+            target=scaling.target,
+            idle_timeout_s=max(scaling.idle_timeout_s, self.activity_window_s),
+            scale_down_delay_s=0.0,  # 1 <-> N belongs to KEDA's HPA; here only 0 <-> 1 is decided
+        )
+        decision = decide(entry.load, effective, 1 if entry.active else 0, entry.state, now)
+        entry.state = decision.state
+        self._set_active(entry, decision.desired > 0)
+
+    def _set_active(self, entry: Entry, active: bool) -> None:
+        if active != entry.active:
+            entry.active = active
+            for queue in entry.watchers:
+                queue.put_nowait(active)
+
+    def wake(self, key: Key, now: float) -> None:
+        """A request found KEY asleep: active now, and it counts as a request for the idle timeout."""
+        entry = self._entry(key)
+        entry.last_request_at = now
+        entry.state = State(now)
+        self._set_active(entry, True)
+
+    def is_active(self, key: Key) -> bool:
+        entry = self._entries.get(key)
+        return entry.active if entry else False
+
+    def demand(self, key: Key) -> float:
+        """Concurrent requests (served + waiting): KEDA's HPA divides it by the target to get replicas."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return 0.0
+        return float(entry.load.in_flight + entry.load.pending)
+
+    def watch(self, key: Key) -> asyncio.Queue[bool]:
+        """A queue that receives every change of KEY's activity; call ``unwatch`` when done."""
+        queue: asyncio.Queue[bool] = asyncio.Queue()
+        self._entry(key).watchers.add(queue)
+        return queue
+
+    def unwatch(self, key: Key, queue: asyncio.Queue[bool]) -> None:
+        entry = self._entries.get(key)
+        if entry:
+            entry.watchers.discard(queue)
+
+    def keys(self) -> Iterable[Key]:
+        return self._entries.keys()

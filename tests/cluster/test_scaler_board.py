@@ -1,0 +1,119 @@
+"""The scaler's activity board and PromQL, as plain data with a fake clock (no servers)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from scaler.activity import Board, Sample
+from scaler.policy import Scaling
+from scaler.prometheus import SourceError, build_query, parse
+
+FN = ("acme", "classify")
+
+
+def board(idle_timeout_s: float = 10.0, window: float = 1.0, min_scale: int = 0) -> Board:
+    b = Board(activity_window_s=window)
+    b.configure(FN, Scaling(min_scale=min_scale, idle_timeout_s=idle_timeout_s))
+    return b
+
+
+def test_unknown_function_is_inactive_with_no_demand() -> None:
+    assert not Board().is_active(FN)
+    assert Board().demand(FN) == 0.0
+
+
+def test_requests_in_flight_make_a_function_active_and_set_its_demand() -> None:
+    b = board()
+    b.observe({FN: Sample(in_flight=5, pending=2, requests=10)}, now=0.0)
+    assert b.is_active(FN)
+    assert b.demand(FN) == 5.0  # in flight counts the waiting ones already
+
+
+def test_a_function_goes_inactive_only_after_its_idle_timeout() -> None:
+    b = board(idle_timeout_s=10.0)
+    b.observe({FN: Sample(in_flight=1, requests=1)}, now=0.0)
+    for now in (1.0, 5.0, 9.9):
+        b.observe({FN: Sample(in_flight=0, requests=1)}, now=now)
+        assert b.is_active(FN), now
+    b.observe({FN: Sample(in_flight=0, requests=1)}, now=10.0)
+    assert not b.is_active(FN)
+
+
+def test_a_moving_counter_counts_as_a_request_even_with_nothing_in_flight_at_the_scrape() -> None:
+    b = board(idle_timeout_s=10.0)
+    b.observe({FN: Sample(in_flight=1, requests=1)}, now=0.0)
+    b.observe({FN: Sample(in_flight=0, requests=7)}, now=8.0)  # six quick requests between scrapes
+    b.observe({FN: Sample(in_flight=0, requests=7)}, now=17.0)
+    assert b.is_active(FN)  # 9 s after the last request seen, not 17
+    b.observe({FN: Sample(in_flight=0, requests=7)}, now=18.0)
+    assert not b.is_active(FN)
+
+
+def test_without_its_own_idle_timeout_the_scaler_reports_activity_within_the_window() -> None:
+    # The default: KEDA's cooldownPeriod carries the idle timeout, the scaler only says "traffic lately".
+    b = board(idle_timeout_s=0.0, window=2.0)
+    b.observe({FN: Sample(in_flight=1, requests=1)}, now=0.0)
+    b.observe({FN: Sample(in_flight=0, requests=1)}, now=1.9)
+    assert b.is_active(FN)
+    b.observe({FN: Sample(in_flight=0, requests=1)}, now=2.0)
+    assert not b.is_active(FN)
+
+
+def test_a_sleeping_function_is_not_woken_by_an_old_counter_seen_after_a_scaler_restart() -> None:
+    b = board()
+    b.observe({FN: Sample(in_flight=0, requests=500)}, now=100.0)
+    assert not b.is_active(FN)
+
+
+def test_min_scale_keeps_a_function_active_without_traffic() -> None:
+    b = board(min_scale=1)
+    b.observe({}, now=0.0)
+    assert b.is_active(FN)
+
+
+def test_a_wake_signal_makes_a_function_active_at_once_and_counts_as_a_request() -> None:
+    b = board(idle_timeout_s=10.0)
+    b.wake(FN, now=50.0)
+    assert b.is_active(FN)
+    b.observe({}, now=59.0)  # Prometheus has not seen the held request yet
+    assert b.is_active(FN)
+    b.observe({}, now=60.0)
+    assert not b.is_active(FN)
+
+
+def test_watchers_hear_every_change_of_activity() -> None:
+    async def scenario() -> list[bool]:
+        b = board(idle_timeout_s=1.0)
+        queue = b.watch(FN)
+        b.wake(FN, now=0.0)
+        b.wake(FN, now=0.5)  # no change: nothing sent
+        b.observe({}, now=2.0)
+        b.unwatch(FN, queue)
+        b.wake(FN, now=3.0)  # no longer watched
+        return [queue.get_nowait() for _ in range(queue.qsize())]
+
+    assert asyncio.run(scenario()) == [True, False]
+
+
+def test_one_query_covers_every_function_and_series() -> None:
+    query = build_query('job="paddlefn-gateway"')
+    assert query.count("sum by (tenant, function)") == 3
+    assert 'paddlefn_requests_total{job="paddlefn-gateway"}' in query
+    assert " or " in query
+
+
+def test_parse_groups_series_by_function_and_ignores_foreign_series() -> None:
+    result = [
+        {"metric": {"tenant": "a", "function": "f", "series": "in_flight"}, "value": [1.0, "3"]},
+        {"metric": {"tenant": "a", "function": "f", "series": "requests"}, "value": [1.0, "42"]},
+        {"metric": {"tenant": "b", "function": "g", "series": "pending"}, "value": [1.0, "NaN"]},
+        {"metric": {"series": "requests"}, "value": [1.0, "1"]},  # no tenant label: not ours
+    ]
+    assert parse(result) == {("a", "f"): Sample(in_flight=3, requests=42), ("b", "g"): Sample()}
+
+
+def test_parse_rejects_an_answer_it_cannot_read() -> None:
+    with pytest.raises(SourceError):
+        parse([{"metric": {"tenant": "a", "function": "f", "series": "pending"}, "value": ["x"]}])
