@@ -1,0 +1,103 @@
+"""Sleep and wake end to end through a real Prometheus: gateway metrics -> scrape -> one PromQL query -> KEDA.
+
+The endpoint serves ``functions.metrics.Metrics`` (the gateway's own metric names and labels); Prometheus
+scrapes it every 200 ms; the scaler queries Prometheus every 100 ms with its one aggregated query; the test
+talks to the scaler as KEDA does, over gRPC. Timeouts are seconds here instead of 15 minutes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import httpx
+
+from scaler.prometheus import PrometheusSource
+from scaler.proto import externalscaler_pb2 as pb
+from scaler.proto import externalscaler_pb2_grpc as pb_grpc
+from tests.cluster.conftest import MetricsEndpoint, PrometheusProcess, ScalerThread, wait_until
+
+IDLE_TIMEOUT_S = 2.0
+
+
+def ref(function: str) -> pb.ScaledObjectRef:
+    metadata = {"tenant": "acme", "function": function, "target": "2", "idleTimeout": str(IDLE_TIMEOUT_S)}
+    return pb.ScaledObjectRef(name=function, namespace="t-acme", scalerMetadata=metadata)
+
+
+def test_the_aggregated_query_reads_every_function_from_a_real_prometheus(
+    metrics_endpoint: MetricsEndpoint, prometheus_factory: Callable[..., PrometheusProcess]
+) -> None:
+    m = metrics_endpoint.metrics
+    m.in_flight.labels("acme", "a").set(3)
+    m.pending.labels("acme", "a").set(1)
+    m.requests.labels("acme", "a", "200").inc(5)
+    m.requests.labels("acme", "a", "503").inc(2)
+    m.requests.labels("beta", "b", "200").inc(1)
+    prom = prometheus_factory(
+        [{"job_name": "gateway", "static_configs": [{"targets": [metrics_endpoint.target]}]}]
+    )
+    source = PrometheusSource(prom.url, selector='job="gateway"')
+    try:
+        wait_until(lambda: len(source.fetch()) == 2, 10, "both functions in Prometheus' answer")
+        samples = source.fetch()
+    finally:
+        source.close()
+    assert samples[("acme", "a")].in_flight == 3
+    assert samples[("acme", "a")].pending == 1
+    assert samples[("acme", "a")].requests == 7  # summed over status codes
+    assert samples[("beta", "b")].requests == 1
+
+
+def test_traffic_wakes_idle_sleeps_and_a_wake_signal_is_reported_at_once(
+    metrics_endpoint: MetricsEndpoint,
+    prometheus_factory: Callable[..., PrometheusProcess],
+    scaler_factory: Callable[..., ScalerThread],
+) -> None:
+    prom = prometheus_factory(
+        [{"job_name": "gateway", "static_configs": [{"targets": [metrics_endpoint.target]}]}]
+    )
+    scaler = scaler_factory(PrometheusSource(prom.url), activity_window_s=0.5, tick_s=0.1)
+    m = metrics_endpoint.metrics
+    with grpc.insecure_channel(scaler.grpc_target) as channel:
+        keda = pb_grpc.ExternalScalerStub(channel)
+        assert keda.IsActive(ref("classify")).result is False
+
+        # traffic -> active, and the HPA metric follows the concurrency
+        m.in_flight.labels("acme", "classify").set(4)
+        m.requests.labels("acme", "classify", "200").inc()
+        wait_until(lambda: keda.IsActive(ref("classify")).result, 10, "traffic to make the function active")
+        values = keda.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref("classify"))).metricValues
+        assert values[0].metricValueFloat == 4.0
+
+        # idle for the idle timeout -> inactive (not before)
+        m.in_flight.labels("acme", "classify").set(0)
+        idle_since = time.monotonic()
+        wait_until(lambda: not keda.IsActive(ref("classify")).result, 15, "the idle function to go inactive")
+        assert time.monotonic() - idle_since >= IDLE_TIMEOUT_S - 0.5  # scrape lag may count towards idle
+
+        # a wake signal -> active over StreamIsActive at once, before Prometheus has seen anything
+        stream = keda.StreamIsActive(ref("classify"))
+        answers: list[bool] = []
+        reader = threading.Thread(target=lambda: _read(stream, answers))
+        reader.start()
+        try:
+            wait_until(lambda: answers == [False], 5, "the stream's first answer")
+            with httpx.Client(base_url=scaler.http_url) as http:
+                sent = time.perf_counter()
+                assert http.post("/v1/wake/acme/classify").status_code == 202
+                took = wait_until(lambda: answers == [False, True], 2, "the wake on the stream", every=0.001)
+            assert time.perf_counter() - sent < 0.5 and took < 0.5
+        finally:
+            stream.cancel()
+            reader.join(5)
+
+
+def _read(stream: object, answers: list[bool]) -> None:
+    try:
+        for answer in stream:  # type: ignore[attr-defined]
+            answers.append(answer.result)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.CANCELLED
