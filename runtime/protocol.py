@@ -162,7 +162,7 @@ def _decode_input(
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None:
         expected_size = count * spec.dtype.itemsize
-        if size != expected_size:
+        if not isinstance(size, int) or isinstance(size, bool) or size != expected_size:
             raise InvalidRequest(
                 f"input '{name}': binary_data_size is {size} but shape {shape} of {spec.datatype} needs "
                 f"{expected_size} bytes"
@@ -187,6 +187,18 @@ def _json_tensor(name: str, data: Any, shape: list[int], spec: TensorSpec) -> np
     want = spec.dtype.kind
     if loose.size and not _kind_fits(kind, want):
         raise InvalidRequest(f"input '{name}': 'data' holds {_kind_name(kind)} values but {spec.datatype} was declared")
+    if loose.size and want in "iuf":
+        # A value the datatype cannot hold would wrap around (integers) or become inf (floats): refuse it.
+        if want == "f":
+            least, most = float(np.finfo(spec.dtype).min), float(np.finfo(spec.dtype).max)
+        else:
+            least, most = int(np.iinfo(spec.dtype).min), int(np.iinfo(spec.dtype).max)
+        low, high = loose.min().item(), loose.max().item()
+        if low < least or high > most:
+            raise InvalidRequest(
+                f"input '{name}': value {low if low < least else high} is out of range for {spec.datatype} "
+                f"({least} to {most})"
+            )
     return loose.astype(spec.dtype, copy=False).reshape(shape)
 
 
