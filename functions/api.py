@@ -48,6 +48,7 @@ class KeyIn(BaseModel):
 def tenant_view(tenant: Tenant, platform: Platform) -> dict[str, Any]:
     return {
         "name": tenant.name,
+        "plan": tenant.plan,
         "created_at": tenant.created_at.isoformat(),
         "functions": len(platform.registry.of_tenant(tenant.name)),
         "url": f"{platform.settings.base_url}/t/{tenant.name}",

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from functions import api, gateway
+from functions.billing import routes as billing_routes
 from functions.errors import install_error_handlers
 from functions.platform import Platform
 from functions.settings import Settings
@@ -41,6 +42,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(api.router)
+    app.include_router(billing_routes.router)
     for route in gateway.routes():
         app.router.routes.append(route)
 

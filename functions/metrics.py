@@ -56,9 +56,27 @@ class Metrics:
         self.replicas = Gauge(
             "paddlefn_replicas", "Replicas running or starting (0: asleep)", labels, registry=self.registry
         )
+        self.billed_requests = Counter(
+            "paddlefn_billed_requests",
+            "Requests recorded as billable in the usage ledger, by device class",
+            (*labels, "device"),
+            registry=self.registry,
+        )
+        self.billed_compute = Counter(
+            "paddlefn_billed_compute_seconds",
+            "Compute billed (rounded up to whole ms per request), by device class",
+            (*labels, "device"),
+            registry=self.registry,
+        )
         self.workers = Gauge(
             "paddlefn_worker_slots", "Worker process slots, by state", ("state",), registry=self.registry
         )
+
+    def billed(self, row: dict[str, object]) -> None:
+        """Count one billable ledger row, so that dashboards reconcile with invoices."""
+        labels = (row["tenant"], row["function"], row["device"])
+        self.billed_requests.labels(*labels).inc()
+        self.billed_compute.labels(*labels).inc(int(row["billed_ms"]) / 1000)  # type: ignore[call-overload]
 
     def forget(self, tenant: str, function: str) -> None:
         """Drop a deleted function's series so dashboards do not show it forever."""

@@ -14,6 +14,7 @@ import logging
 import shutil
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,6 +27,9 @@ from functions.activator import Activator
 from functions.auth import ADMIN, ENV_ADMIN_ID, KeyRing, NewKey, Principal, hash_secret, new_key, parse_scopes
 from functions.autoscaler import Autoscaler
 from functions.backends.base import Backend
+from functions.billing.ledger import Ledger
+from functions.billing.plans import DEFAULT_PLAN, PlanBook
+from functions.billing.service import Billing
 from functions.deploy import DeployFailed, prepare_model
 from functions.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from functions.metrics import Metrics
@@ -41,7 +45,7 @@ from functions.registry import (
 from functions.settings import Settings
 from functions.store import ApiKey, Function, Store, Tenant
 from functions.store.models import utcnow
-from functions.usage import DiscardUsage, UsageSink
+from functions.usage import UsageSink
 from runtime.model_files import ModelFormatError, find_model
 from runtime.spec import Manifest
 
@@ -56,7 +60,9 @@ def config_errors(exc: ValidationError) -> str:
 
 
 class Platform:
-    def __init__(self, settings: Settings, *, backend: Backend | None = None, usage: UsageSink | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, backend: Backend | None = None, usage: UsageSink | None = None
+    ) -> None:
         self.settings = settings
         self.store = Store(settings.database)
         self.keys = KeyRing()
@@ -67,7 +73,16 @@ class Platform:
 
             backend = LocalBackend(settings)
         self.backend = backend
-        self.usage: UsageSink = usage or DiscardUsage()
+        self.ledger = Ledger(
+            self.store,
+            settings.data_dir / "usage",
+            on_billed=self.metrics.billed,
+            flush_interval_s=settings.usage_flush_interval_s,
+        )
+        self.usage: UsageSink = usage or self.ledger
+        self.billing = Billing(
+            self.ledger, PlanBook(self.store), self.plan_of, grace=timedelta(seconds=settings.invoice_grace_s)
+        )
         self.activator = Activator(
             max_pending_per_function=settings.max_pending_per_function,
             max_pending_per_tenant=settings.max_pending_per_tenant,
@@ -87,6 +102,7 @@ class Platform:
         (self.settings.data_dir / "tmp").mkdir(exist_ok=True)
         self._load_keys()
         self._load_functions()
+        await self.ledger.start()
         await self.backend.start()
         self._spawn(self.autoscaler.run(), "autoscaler")
         self._spawn(self._bookkeeping(), "bookkeeping")
@@ -97,6 +113,7 @@ class Platform:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._flush_last_used()
         await self.backend.close()
+        await self.ledger.close()
         self.store.close()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -112,7 +129,9 @@ class Platform:
                                secret_hash=hash_secret(self.settings.admin_key), scopes=ADMIN))  # fmt: skip
             else:
                 s.execute(update(ApiKey).where(ApiKey.id == ENV_ADMIN_ID).values(revoked_at=utcnow()))
-                has_admin = s.scalar(select(ApiKey.id).where(ApiKey.tenant_id.is_(None), ApiKey.revoked_at.is_(None)))
+                has_admin = s.scalar(
+                    select(ApiKey.id).where(ApiKey.tenant_id.is_(None), ApiKey.revoked_at.is_(None))
+                )
                 if has_admin is None:
                     key = new_key()
                     s.add(ApiKey(id=key.id, tenant_id=None, name="generated admin key",
@@ -133,7 +152,9 @@ class Platform:
                 .values(status=FAILED, error="the platform restarted during the deploy; deploy the model again",
                         updated_at=utcnow())
             )  # fmt: skip
-            rows = s.execute(select(Function, Tenant.name).join(Tenant, Function.tenant_id == Tenant.id)).all()
+            rows = s.execute(
+                select(Function, Tenant.name).join(Tenant, Function.tenant_id == Tenant.id)
+            ).all()
         for row, tenant in rows:
             self.registry.put(self._record(row, tenant))
 
@@ -189,7 +210,9 @@ class Platform:
         if tenant_id is None:
             raise NotFound(f"tenant '{tenant}' not found")
         if not principal.is_admin and scope not in principal.scopes:
-            raise Forbidden(f"this key lacks the '{scope}' scope (it has: {', '.join(sorted(principal.scopes))})")
+            raise Forbidden(
+                f"this key lacks the '{scope}' scope (it has: {', '.join(sorted(principal.scopes))})"
+            )
         return tenant_id
 
     @staticmethod
@@ -220,6 +243,18 @@ class Platform:
         (self.settings.data_dir / "tenants" / name).mkdir(parents=True, exist_ok=True, mode=0o700)
         return tenant, row, key
 
+    def plan_of(self, tenant: str) -> str:
+        with self.store.session() as s:
+            plan = s.scalar(select(Tenant.plan).where(Tenant.name == tenant))
+        return plan or DEFAULT_PLAN
+
+    def set_plan(self, tenant: str, plan: str) -> None:
+        with self.store.session() as s:
+            row = s.scalar(select(Tenant).where(Tenant.name == tenant))
+            if row is None:
+                raise NotFound(f"tenant '{tenant}' not found")
+            row.plan = plan
+
     def list_tenants(self) -> list[Tenant]:
         with self.store.session() as s:
             return list(s.scalars(select(Tenant).order_by(Tenant.name)))
@@ -242,7 +277,9 @@ class Platform:
         self.keys.remove_tenant(name)
         shutil.rmtree(self.settings.data_dir / "tenants" / name, ignore_errors=True)
 
-    def create_key(self, tenant: str, tenant_id: int, name: str, scopes: list[str] | None) -> tuple[ApiKey, NewKey]:
+    def create_key(
+        self, tenant: str, tenant_id: int, name: str, scopes: list[str] | None
+    ) -> tuple[ApiKey, NewKey]:
         try:
             parsed = parse_scopes(scopes)
         except ValueError as exc:
@@ -257,7 +294,9 @@ class Platform:
 
     def list_keys(self, tenant_id: int) -> list[ApiKey]:
         with self.store.session() as s:
-            return list(s.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at)))
+            return list(
+                s.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at))
+            )
 
     def revoke_key(self, tenant_id: int, key_id: str) -> None:
         with self.store.session() as s:
@@ -288,7 +327,9 @@ class Platform:
         if problem:
             raise BadRequest(problem)
         if self.registry.get(tenant, name) is not None:
-            raise Conflict(f"function '{name}' already exists in tenant '{tenant}'; delete it first or pick a name")
+            raise Conflict(
+                f"function '{name}' already exists in tenant '{tenant}'; delete it first or pick a name"
+            )
         version = uuid.uuid4().hex[:12]
         relative = Path("tenants") / tenant / "functions" / name / version
         artifact_dir = self.settings.data_dir / relative
@@ -334,7 +375,9 @@ class Platform:
         else:
             await self._finish_deploy(record, manifest, None)
 
-    async def _finish_deploy(self, record: FunctionRecord, manifest: Manifest | None, error: str | None) -> None:
+    async def _finish_deploy(
+        self, record: FunctionRecord, manifest: Manifest | None, error: str | None
+    ) -> None:
         current = self.registry.get(record.tenant, record.name)
         if current is None or current.id != record.id:
             return  # deleted while it deployed; its files went with it
@@ -360,10 +403,16 @@ class Platform:
         merged = {**fn.config.model_dump(), **patch}
         config = self.parse_config(merged)
         if config.batching and fn.manifest and not fn.manifest.spec.batchable:
-            raise BadRequest("batching needs a free first (batch) dimension on every input and output of the model")
+            raise BadRequest(
+                "batching needs a free first (batch) dimension on every input and output of the model"
+            )
         now = utcnow()
         with self.store.session() as s:
-            s.execute(update(Function).where(Function.id == fn.id).values(config=config.model_dump(), updated_at=now))
+            s.execute(
+                update(Function)
+                .where(Function.id == fn.id)
+                .values(config=config.model_dump(), updated_at=now)
+            )
         updated = dataclasses.replace(fn, config=config, updated_at=now)
         self.registry.put(updated)
         if updated.status == READY:

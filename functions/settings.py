@@ -86,6 +86,11 @@ class Settings:
     max_concurrent_deploys: int = 2
     """Deploys prepared at once; each needs a Paddle process and the model's memory."""
 
+    usage_flush_interval_s: float = 0.1
+    """How often the usage journal is moved into the database (records are durable before that)."""
+    invoice_grace_s: float = 3600.0
+    """A month's invoice closes (freezes) this long after the month ends, for records still in flight."""
+
     scaler_tick_s: float = 1.0
     """How often the autoscaler looks at load (wake-ups do not wait for it)."""
     scale_down_delay_s: float = 30.0

@@ -1,6 +1,6 @@
 """Durable state: SQLite by default, any SQLAlchemy URL (PostgreSQL) when configured."""
 
 from functions.store.db import Store
-from functions.store.models import ApiKey, Function, Tenant
+from functions.store.models import ApiKey, Function, Invoice, Plan, Tenant, UsageRecord
 
-__all__ = ["ApiKey", "Function", "Store", "Tenant"]
+__all__ = ["ApiKey", "Function", "Invoice", "Plan", "Store", "Tenant", "UsageRecord"]

@@ -5,7 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -40,6 +52,7 @@ class Tenant(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
+    plan: Mapped[str] = mapped_column(String(63), default="default")  # prices (and, later, quotas)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -72,3 +85,48 @@ class Function(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_request_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class UsageRecord(Base):
+    """One request that reached a function: the ledger's row, written once (idempotent by request id)."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        Index("ix_usage_tenant_period", "tenant", "period"),
+        Index("ix_usage_tenant_started", "tenant", "started_at"),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(63))  # by name: billing history outlives the tenant row
+    function: Mapped[str] = mapped_column(String(63))
+    period: Mapped[str] = mapped_column(String(7))  # "YYYY-MM" of the invoice it belongs to
+    started_at: Mapped[datetime] = mapped_column()
+    duration_us: Mapped[int] = mapped_column(BigInteger)
+    compute_us: Mapped[int] = mapped_column(BigInteger)  # as the worker reported it
+    billed_ms: Mapped[int] = mapped_column(BigInteger)  # compute rounded up to whole ms; 0 when not billable
+    device: Mapped[str] = mapped_column(String(8))  # gpu | cpu | lite | edge
+    cold_start: Mapped[bool] = mapped_column(Boolean)
+    status: Mapped[int] = mapped_column(Integer)
+    billable: Mapped[bool] = mapped_column(Boolean)
+    bytes_in: Mapped[int] = mapped_column(BigInteger)
+    bytes_out: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(16), default="gateway")  # gateway | edge:<bundle id>
+
+
+class Plan(Base):
+    __tablename__ = "plans"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    prices: Mapped[dict[str, Any]] = mapped_column(default=dict)  # functions.billing.pricing.Prices
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Invoice(Base):
+    """A closed month's invoice, frozen: it never changes once written."""
+
+    __tablename__ = "invoices"
+
+    tenant: Mapped[str] = mapped_column(String(63), primary_key=True)
+    period: Mapped[str] = mapped_column(String(7), primary_key=True)
+    document: Mapped[dict[str, Any]] = mapped_column()
+    closed_at: Mapped[datetime] = mapped_column()

@@ -1,0 +1,90 @@
+"""Billing endpoints: usage, invoices (JSON and CSV) and plans (prices)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse, Response
+from pydantic import BaseModel
+
+from functions.api import PlatformDep, PrincipalDep
+from functions.auth import MANAGE
+from functions.billing import invoices
+from functions.errors import BadRequest
+
+router = APIRouter(prefix="/v1", tags=["billing"])
+
+
+def _time(value: str | None, name: str) -> datetime | None:
+    """ISO 8601 with a zone (``Z`` accepted); a bare date means midnight UTC."""
+    if value is None or value == "":
+        return None
+    text = value + "T00:00:00+00:00" if len(value) == 10 else value.replace("Z", "+00:00")
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(
+            f"{name}={value!r} is not a time: use ISO 8601 such as 2026-11-01T00:00:00Z"
+        ) from None
+
+
+@router.get("/tenants/{tenant}/usage")
+async def usage(
+    tenant: str,
+    platform: PlatformDep,
+    principal: PrincipalDep,
+    start: Annotated[str | None, Query(description="ISO 8601, default: start of this month (UTC)")] = None,
+    end: Annotated[str | None, Query(description="ISO 8601, exclusive, default: now")] = None,
+    group_by: Annotated[str, Query(description="function, device, day or hour")] = "function",
+) -> dict[str, Any]:
+    platform.tenant_for(principal, tenant, MANAGE)
+    return await platform.billing.usage(tenant, _time(start, "start"), _time(end, "end"), group_by)
+
+
+@router.get("/tenants/{tenant}/invoices/{period}", response_model=None)
+async def invoice(
+    tenant: str,
+    period: str,
+    platform: PlatformDep,
+    principal: PrincipalDep,
+    format: Annotated[str, Query(description="json or csv")] = "json",
+) -> dict[str, Any] | Response:
+    platform.tenant_for(principal, tenant, MANAGE)
+    if format not in ("json", "csv"):
+        raise BadRequest("format must be json or csv")
+    document = await platform.billing.invoice(tenant, period)
+    if format == "csv":
+        return PlainTextResponse(
+            invoices.to_csv(document),
+            media_type="text/csv",
+            headers={"content-disposition": f'attachment; filename="invoice-{tenant}-{period}.csv"'},
+        )
+    return document
+
+
+class PlanIn(BaseModel):
+    plan: str
+
+
+@router.get("/plans")
+def list_plans(platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
+    platform.require_admin(principal)
+    return {"plans": {name: prices.model_dump() for name, prices in platform.billing.plans.all().items()}}
+
+
+@router.put("/plans/{name}")
+def put_plan(
+    name: str, body: dict[str, Any], platform: PlatformDep, principal: PrincipalDep
+) -> dict[str, Any]:
+    platform.require_admin(principal)
+    return {"name": name, "prices": platform.billing.plans.put(name, body).model_dump()}
+
+
+@router.put("/tenants/{tenant}/plan")
+def set_plan(tenant: str, body: PlanIn, platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
+    platform.require_admin(principal)
+    platform.billing.plans.prices(body.plan)  # 404 for an unknown plan
+    platform.set_plan(tenant, body.plan)
+    return {"tenant": tenant, "plan": body.plan}

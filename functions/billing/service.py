@@ -1,0 +1,66 @@
+"""Billing as the API and CLI see it: usage reports and invoices for a tenant, prices from its plan."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from functions.billing import invoices
+from functions.billing.ledger import Ledger, period_of
+from functions.billing.plans import PlanBook
+from functions.errors import BadRequest
+from functions.store.models import utcnow
+
+
+class Billing:
+    def __init__(
+        self,
+        ledger: Ledger,
+        plans: PlanBook,
+        plan_of: Callable[[str], str],
+        *,
+        grace: timedelta = timedelta(hours=1),
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.ledger = ledger
+        self.plans = plans
+        self.plan_of = plan_of  # tenant name -> plan name
+        self.grace = grace
+        self.clock = clock
+
+    async def usage(
+        self, tenant: str, start: datetime | None, end: datetime | None, group_by: str
+    ) -> dict[str, Any]:
+        now = self.clock()
+        start = start or invoices.parse_period(period_of(now))[0]  # default: this month so far
+        end = end or now + timedelta(seconds=1)
+        if start.tzinfo is None or end.tzinfo is None:
+            raise BadRequest("start and end need a time zone, e.g. 2026-11-01T00:00:00Z")
+        if end <= start:
+            raise BadRequest(f"end ({end.isoformat()}) must come after start ({start.isoformat()})")
+        try:
+            rows = await self.ledger.usage(tenant, start, end, group_by)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return {"tenant": tenant, "start": start.isoformat(), "end": end.isoformat(), "group_by": group_by,
+                "rows": rows}  # fmt: skip
+
+    async def invoice(self, tenant: str, period: str) -> dict[str, Any]:
+        try:
+            start, _ = invoices.parse_period(period)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        now = self.clock()
+        if start > now:
+            raise BadRequest(f"{period} has not begun; invoices exist for this month and earlier ones")
+        plan = self.plan_of(tenant)
+        prices = self.plans.prices(plan)
+        if self.ledger.is_closed(tenant, period) or now >= invoices.closes_at(period, self.grace):
+            return await self.ledger.close_period(
+                tenant,
+                period,
+                lambda lines: invoices.build(tenant, period, lines, prices, status="closed", plan=plan),
+            )
+        lines = await self.ledger.lines(tenant, period)
+        return invoices.build(tenant, period, lines, prices, status="open", plan=plan)
