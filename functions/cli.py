@@ -73,7 +73,9 @@ def up(
     data_dir: Annotated[Path | None, typer.Option(help="state folder [default: .paddlefn]")] = None,
     idle_timeout: Annotated[str | None, typer.Option(help="sleep after this idle time, e.g. 4s, 15m")] = None,
     pool_size: Annotated[int | None, typer.Option(help="pre-warmed workers kept ready [default: 2]")] = None,
-    max_workers: Annotated[int | None, typer.Option(help="most worker processes [default: 2 per core]")] = None,
+    max_workers: Annotated[
+        int | None, typer.Option(help="most worker processes [default: 2 per core]")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, gpu or cpu [default: auto]")] = None,
     domain: Annotated[str | None, typer.Option(help="functions answer at FN.TENANT.DOMAIN")] = None,
 ) -> None:
@@ -121,7 +123,9 @@ def serve(settings: Settings, after_start: Any = None) -> None:
 def demo(
     port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
     data_dir: Annotated[Path, typer.Option(help="state folder for the demo")] = Path(".paddlefn/demo"),
-    exit_after: Annotated[bool, typer.Option("--exit", help="stop once the demo call has been answered")] = False,
+    exit_after: Annotated[
+        bool, typer.Option("--exit", help="stop once the demo call has been answered")
+    ] = False,
 ) -> None:
     """Run the platform with an example tenant and function, call it once, and print how to call it yourself."""
     from functions.demo import run_demo
@@ -133,7 +137,9 @@ def demo(
 def example_model(
     kind: Annotated[str, typer.Argument(help="mlp, mobilenet_v3_small, resnet50 or multi_io")],
     out: Annotated[Path, typer.Option("-o", "--out", help="folder to write the model into")],
-    fmt: Annotated[str, typer.Option("--format", help="legacy (model.pdmodel) or pir (model.json)")] = "legacy",
+    fmt: Annotated[
+        str, typer.Option("--format", help="legacy (model.pdmodel) or pir (model.json)")
+    ] = "legacy",
 ) -> None:
     """Write a ready-to-deploy example model (random weights) with example inputs and outputs."""
     result = subprocess.run(
@@ -214,7 +220,9 @@ def deploy(
     tenant: Annotated[str, typer.Option(help="tenant to deploy into")],
     name: Annotated[str, typer.Option(help="function name (becomes part of its URL)")],
     config: Annotated[str | None, typer.Option(help="config as JSON, e.g. '{\"max_scale\": 2}'")] = None,
-    idle_timeout: Annotated[str | None, typer.Option(help="sleep after this idle time, e.g. 30s, 15m")] = None,
+    idle_timeout: Annotated[
+        str | None, typer.Option(help="sleep after this idle time, e.g. 30s, 15m")
+    ] = None,
     min_scale: Annotated[int | None, typer.Option(help="replicas kept when idle")] = None,
     max_scale: Annotated[int | None, typer.Option(help="most replicas")] = None,
     device: Annotated[str | None, typer.Option(help="auto, gpu or cpu")] = None,
@@ -247,7 +255,9 @@ def deploy(
             console=err, transient=True, disable=as_json,
         ) as bar:  # fmt: skip
             task = bar.add_task("upload", total=None)
-            client.deploy(tenant, name, model, settings, progress=lambda d, t: bar.update(task, completed=d, total=t))
+            client.deploy(
+                tenant, name, model, settings, progress=lambda d, t: bar.update(task, completed=d, total=t)
+            )
         if wait:
             with err.status("optimising and running the golden check...", spinner="dots"):
                 fn = client.wait_deployed(tenant, name)
@@ -275,7 +285,9 @@ def functions_list(tenant: str, url: UrlOpt = "", key: KeyOpt = "", as_json: Jso
 
 
 @functions_app.command("show")
-def functions_show(ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")], url: UrlOpt = "", key: KeyOpt = "") -> None:
+def functions_show(
+    ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")], url: UrlOpt = "", key: KeyOpt = ""
+) -> None:
     """Show one function in full (JSON)."""
     tenant, name = _split(ref)
     print(json.dumps(_call(lambda c: c.function(tenant, name), url, key), indent=2))
@@ -299,7 +311,9 @@ def functions_update(
 
 
 @functions_app.command("delete")
-def functions_delete(ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")], url: UrlOpt = "", key: KeyOpt = "") -> None:
+def functions_delete(
+    ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")], url: UrlOpt = "", key: KeyOpt = ""
+) -> None:
     """Delete a function and its artifacts."""
     tenant, name = _split(ref)
     _call(lambda c: c.delete_function(tenant, name), url, key)
@@ -311,7 +325,8 @@ def invoke(
     ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")],
     data: Annotated[Path | None, typer.Option(help="OIP request body as a JSON file ('-' for stdin)")] = None,
     example: Annotated[
-        Path | None, typer.Option(help="model folder whose example_inputs.npz to send (as `example-model` writes)")
+        Path | None,
+        typer.Option(help="model folder whose example_inputs.npz to send (as `example-model` writes)"),
     ] = None,
     url: UrlOpt = "",
     key: KeyOpt = "",
@@ -350,6 +365,62 @@ def _example_body(model_dir: Path) -> dict[str, Any]:
             for n, a in tensors.items()
         ]
     }
+
+
+# ------------------------------------------------------------------ billing
+
+
+@app.command()
+def usage(
+    tenant: str,
+    start: Annotated[
+        str | None, typer.Option(help="ISO 8601 or YYYY-MM-DD [default: start of this month]")
+    ] = None,
+    end: Annotated[str | None, typer.Option(help="ISO 8601 or YYYY-MM-DD, exclusive [default: now]")] = None,
+    group_by: Annotated[str, typer.Option(help="function, device, day or hour")] = "function",
+    url: UrlOpt = "",
+    key: KeyOpt = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """A tenant's usage: requests, errors, cold starts, compute and bytes."""
+    report = _call(lambda c: c.usage(tenant, start, end, group_by), url, key)
+    columns = [group_by, "requests", "billable_requests", "errors", "cold_starts", "compute_ms", "billed_ms"]
+    if as_json:
+        print(json.dumps(report))
+        return
+    console.print(f"{tenant}: {report['start']} .. {report['end']}")
+    _table(report["rows"], columns, False)
+
+
+@app.command()
+def invoice(
+    tenant: str,
+    period: Annotated[str, typer.Argument(help="month, YYYY-MM (UTC)")],
+    csv: Annotated[bool, typer.Option("--csv", help="print CSV")] = False,
+    url: UrlOpt = "",
+    key: KeyOpt = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """A tenant's invoice for one month: line items per function and device class, allowance, total."""
+    if csv:
+        print(_call(lambda c: c.invoice_csv(tenant, period), url, key), end="")
+        return
+    doc = _call(lambda c: c.invoice(tenant, period), url, key)
+    if as_json:
+        print(json.dumps(doc))
+        return
+    from functions.billing.pricing import format_money
+
+    table = Table(
+        "function", "device", "requests", "compute_ms", "amount", title=f"{tenant} {period} ({doc['status']})"
+    )
+    for line in doc["lines"]:
+        table.add_row(line["function"], line["device"], str(line["requests"]), str(line["compute_ms"]),
+                      format_money(line["amount_micros"], doc["currency"]))  # fmt: skip
+    console.print(table)
+    console.print(f"subtotal {format_money(doc['subtotal_micros'], doc['currency'])}, "
+                  f"free allowance -{format_money(doc['free_allowance_micros'], doc['currency'])}, "
+                  f"[bold]total {doc['total']}[/bold]")  # fmt: skip
 
 
 # ------------------------------------------------------------------ helpers

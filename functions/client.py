@@ -32,7 +32,9 @@ class Client:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.ConnectError:
-            raise ClientError(0, f"cannot reach the platform at {self.url}: is `paddlefn up` running?") from None
+            raise ClientError(
+                0, f"cannot reach the platform at {self.url}: is `paddlefn up` running?"
+            ) from None
         if response.status_code >= 400:
             try:
                 message = response.json().get("error") or response.text
@@ -77,7 +79,9 @@ class Client:
         size = archive.seek(0, io.SEEK_END)
         archive.seek(0)
         upload = _Progress(archive, size, progress) if progress else archive
-        files = {"model": (f"{name}.tar.gz" if model.is_dir() else model.name, upload, "application/octet-stream")}
+        files = {
+            "model": (f"{name}.tar.gz" if model.is_dir() else model.name, upload, "application/octet-stream")
+        }
         data = {"name": name, "config": json.dumps(config or {})}
         return self.request("POST", f"/v1/tenants/{tenant}/functions", data=data, files=files, timeout=600)
 
@@ -103,6 +107,20 @@ class Client:
 
     def infer(self, tenant: str, name: str, body: dict[str, Any]) -> Any:
         return self.request("POST", f"/t/{tenant}/v2/models/{name}/infer", json=body)
+
+    # billing
+    def usage(self, tenant: str, start: str | None, end: str | None, group_by: str) -> Any:
+        params = {k: v for k, v in (("start", start), ("end", end), ("group_by", group_by)) if v}
+        return self.request("GET", f"/v1/tenants/{tenant}/usage", params=params)
+
+    def invoice(self, tenant: str, period: str) -> Any:
+        return self.request("GET", f"/v1/tenants/{tenant}/invoices/{period}")
+
+    def invoice_csv(self, tenant: str, period: str) -> str:
+        response = self.http.get(f"/v1/tenants/{tenant}/invoices/{period}", params={"format": "csv"})
+        if response.status_code >= 400:
+            raise ClientError(response.status_code, response.json().get("error", response.text))
+        return response.text
 
 
 def open_archive(model: Path) -> IO[bytes]:
