@@ -7,10 +7,12 @@ archive that lies about its sizes is stopped as well).
 
 from __future__ import annotations
 
+import lzma
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -18,6 +20,8 @@ from typing import IO
 from functions.errors import BadRequest, PayloadTooLarge
 
 _CHUNK = 1 << 20
+# Errors of the decompressors that are not OSError: corrupt data inside a .tar.gz/.tar.xz or a .zip.
+_CORRUPT = (zlib.error, lzma.LZMAError)
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,10 @@ def unpack(archive: IO[bytes], dest: Path, limits: Limits) -> None:
             archive.seek(0)
             try:
                 tar = tarfile.open(fileobj=archive, mode="r:*")
-            except (tarfile.TarError, OSError):
-                raise BadRequest("the model archive is neither a .tar.gz, .tar nor a .zip file") from None
+            except (tarfile.TarError, OSError, EOFError, *_CORRUPT):
+                raise BadRequest(
+                    "the model archive is neither a .tar.gz, .tar nor a .zip file, or it is truncated"
+                ) from None
             with tar:
                 _unpack_tar(tar, dest, limits)
     except BaseException:
@@ -99,9 +105,16 @@ def _unpack_tar(tar: tarfile.TarFile, dest: Path, limits: Limits) -> None:
                 raise BadRequest(f"archive entry '{member.name}' cannot be read")
             with src:
                 budget.copy(src, path)
+        # tarfile stops quietly where a header is cut short or missing: a complete archive ends with a whole
+        # (zero) block.
+        if tar.fileobj.tell() - tar.offset != tarfile.BLOCKSIZE:
+            raise BadRequest("the archive is truncated: it stops before its end-of-archive marker")
+        # Read to the end, so that a compressed stream's checksum and end marker are verified.
+        while tar.fileobj.read(_CHUNK):
+            pass
     except FileExistsError as exc:
         raise BadRequest(f"archive holds '{Path(exc.filename).name}' twice") from None
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, OSError, *_CORRUPT) as exc:
         raise BadRequest(f"the archive is damaged or truncated: {exc}") from None
 
 
@@ -119,11 +132,16 @@ def _unpack_zip(archive: IO[bytes], dest: Path, limits: Limits) -> None:
                     if path is not None:
                         path.mkdir(parents=True, exist_ok=True)
                     continue
-                if path is None or (mode and not stat.S_ISREG(mode)):
+                # Only the permission bits may be set (Python's ZipFile.writestr writes 0o600): still a file.
+                if path is None or (stat.S_IFMT(mode) and not stat.S_ISREG(mode)):
                     raise BadRequest(f"archive entry '{info.filename}' is not a regular file or folder")
+                if info.flag_bits & 0x1:
+                    raise BadRequest(
+                        f"archive entry '{info.filename}' is encrypted; upload it without a password"
+                    )
                 with zf.open(info) as src:
                     budget.copy(src, path)
     except FileExistsError as exc:
         raise BadRequest(f"archive holds '{Path(exc.filename).name}' twice") from None
-    except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, *_CORRUPT) as exc:
         raise BadRequest(f"the archive is damaged or uses an unsupported compression: {exc}") from None
