@@ -191,6 +191,7 @@ def _uploader(
 def serve(args: argparse.Namespace) -> int:
     from runtime.engine import EngineError
     from runtime.lite.bundle import BundleError, open_bundle, read_meta
+    from runtime.lite.engine import LiteUnavailable
     from runtime.server import LoadOptions, Worker, _bind, create_app
 
     try:
@@ -230,7 +231,7 @@ def serve(args: argparse.Namespace) -> int:
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
-    except (BundleError, EngineError) as exc:
+    except (BundleError, EngineError, LiteUnavailable) as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -22,14 +22,16 @@ import numpy as np
 from runtime.engine import EngineError
 from runtime.lite import HOST, lite_python, unavailable_reason
 from runtime.lite.host import FRAME
+from runtime.protocol import InvalidRequest
 from runtime.spec import Manifest
 
 START_TIMEOUT_S = 60.0
 INFER_TIMEOUT_S = 120.0
 
 
-class LiteUnavailable(EngineError):
-    """No Lite interpreter here, or the model has no usable ``.nb``."""
+class LiteUnavailable(InvalidRequest):
+    """No Lite interpreter here, or the model has no usable ``.nb`` (a load asking for Lite gets a 400 that
+    says why, not a 500)."""
 
 
 class LiteHost:
@@ -65,7 +67,8 @@ class LiteHost:
     def infer(self, inputs: dict[str, np.ndarray]) -> tuple[list[np.ndarray], float]:
         """Outputs in the order of the model's outputs, and Lite's own compute time in ms."""
         if self.proc is None or self.proc.poll() is not None:
-            self.start()  # the last host died (crash or kill): a new one serves this request
+            self._stop()  # the last host died (crash or kill): close its pipes; a new one serves this request
+            self.start()
         arrays = [(n, np.ascontiguousarray(a)) for n, a in inputs.items()]
         header = {
             "op": "infer",
