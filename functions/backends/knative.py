@@ -1,0 +1,341 @@
+"""The cluster backend: functions run as Knative Services (or Deployments + KEDA ScaledObjects) on Kubernetes.
+
+The only module that imports the ``kubernetes`` client. Objects come from ``functions.cluster.render`` (pure
+dicts) and are applied with server-side apply (one PATCH per object, create or update, field manager
+``paddlefn``), so re-applying is always safe and fields other controllers own (KEDA's replicas) are left alone.
+
+Scaling belongs to KEDA, driven by our external scaler (``python -m scaler``): ``set_replicas(fn, n > 0)`` and
+a request that finds its function asleep only send the scaler a wake signal; sleeping is KEDA's
+``cooldownPeriod``. The embedded autoscaler loop must therefore not run with this backend.
+
+Errors, classified in one place (``_classify``)::
+
+    ClusterError (message)
+    ├── PermanentClusterError   4xx but 404/409/429: a rejected object or missing rights; retrying won't help
+    └── TemporaryClusterError   429, 5xx, connection errors: retry after ``delay`` seconds
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from functions.backends.base import PASSED_RESPONSE_HEADERS, Forwarded, Outgoing, WakeListener
+from functions.cluster.config import ClusterConfig, TenantQuota
+from functions.cluster.render import (
+    FunctionSpec,
+    Obj,
+    function_objects,
+    function_url,
+    tenant_objects,
+)
+from functions.errors import GatewayTimeout
+from functions.registry import FunctionRecord
+from functions.settings import Settings
+
+log = logging.getLogger("paddlefn.knative")
+
+FIELD_MANAGER = "paddlefn"
+APPLY = "application/apply-patch+yaml"
+# (apiVersion, kind) -> (API class, method suffix, namespaced) for the typed clients; custom kinds -> plural.
+BUILT_IN: dict[tuple[str, str], tuple[str, str, bool]] = {
+    ("v1", "Namespace"): ("CoreV1Api", "namespace", False),
+    ("v1", "ResourceQuota"): ("CoreV1Api", "resource_quota", True),
+    ("v1", "LimitRange"): ("CoreV1Api", "limit_range", True),
+    ("v1", "ServiceAccount"): ("CoreV1Api", "service_account", True),
+    ("v1", "PersistentVolumeClaim"): ("CoreV1Api", "persistent_volume_claim", True),
+    ("v1", "Service"): ("CoreV1Api", "service", True),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("NetworkingV1Api", "network_policy", True),
+    ("apps/v1", "Deployment"): ("AppsV1Api", "deployment", True),
+}
+CUSTOM = {
+    ("serving.knative.dev/v1", "Service"): "services",
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
+}
+# Retry-able causes that reach us as HTTP answers from the API server.
+TEMPORARY_STATUS = {429, 500, 502, 503, 504}
+
+
+class ClusterError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class PermanentClusterError(ClusterError):
+    """The API server refused (invalid object, forbidden): a person must change something."""
+
+
+class TemporaryClusterError(ClusterError):
+    def __init__(self, message: str, delay: float = 5.0) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+def _classify(exc: Exception, what: str) -> ClusterError:
+    """One place that turns the client's exceptions into ours (callers ``raise ... from exc``)."""
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(exc, ApiException):
+        status = int(exc.status or 0)
+        reason = str(exc.body or exc.reason or "")[:500]
+        if status in TEMPORARY_STATUS or status == 0:
+            return TemporaryClusterError(f"{what}: API server answered {status}: {reason}")
+        return PermanentClusterError(f"{what}: API server answered {status}: {reason}")
+    return TemporaryClusterError(f"{what}: {exc}")
+
+
+def spec_of(fn: FunctionRecord, settings: Settings) -> FunctionSpec:
+    """The renderer's view of a function record, with platform defaults filled in."""
+    c = fn.config
+    lite = bool(fn.manifest and fn.manifest.lite.get("available"))
+    return FunctionSpec(
+        tenant=fn.tenant,
+        name=fn.name,
+        version=fn.version,
+        min_scale=c.min_scale,
+        max_scale=c.max_scale,
+        target=c.scaling_target,
+        container_concurrency=c.slots_per_replica,
+        idle_timeout_s=c.idle_timeout_s or settings.idle_timeout_s,
+        request_timeout_s=c.timeout_s or settings.request_timeout_s,
+        cold_start_timeout_s=c.cold_start_timeout_s or settings.cold_start_timeout_s,
+        max_batch_size=c.batching.max_batch_size if c.batching else 0,
+        max_queue_delay_ms=c.batching.max_queue_delay_ms if c.batching else 2.0,
+        lite=lite,
+    )
+
+
+class KubeObjects:
+    """Apply and delete rendered objects through the official client's typed APIs (blocking calls)."""
+
+    def __init__(self, api_client: Any) -> None:
+        from kubernetes import client
+
+        self.api_client = api_client
+        names = ("CoreV1Api", "NetworkingV1Api", "AppsV1Api", "CustomObjectsApi")
+        self._apis = {name: getattr(client, name)(api_client) for name in names}
+
+    def apply(self, obj: Obj) -> None:
+        key, meta = (obj["apiVersion"], obj["kind"]), obj["metadata"]
+        what = f"apply {obj['kind']} {meta.get('namespace', '')}/{meta['name']}"
+        options = {"field_manager": FIELD_MANAGER, "force": True, "_content_type": APPLY}
+        try:
+            if key in CUSTOM:
+                group, version = obj["apiVersion"].split("/")
+                self._apis["CustomObjectsApi"].patch_namespaced_custom_object(
+                    group, version, meta["namespace"], CUSTOM[key], meta["name"], obj, **options
+                )
+                return
+            api, suffix, namespaced = BUILT_IN[key]
+            if namespaced:
+                method = getattr(self._apis[api], f"patch_namespaced_{suffix}")
+                method(meta["name"], meta["namespace"], obj, **options)
+            else:
+                getattr(self._apis[api], f"patch_{suffix}")(meta["name"], obj, **options)
+        except Exception as exc:
+            raise _classify(exc, what) from exc
+
+    def delete(self, obj: Obj) -> None:
+        """Delete OBJ; one already gone is fine."""
+        from kubernetes.client.exceptions import ApiException
+
+        key, meta = (obj["apiVersion"], obj["kind"]), obj["metadata"]
+        try:
+            if key in CUSTOM:
+                group, version = obj["apiVersion"].split("/")
+                self._apis["CustomObjectsApi"].delete_namespaced_custom_object(
+                    group, version, meta["namespace"], CUSTOM[key], meta["name"]
+                )
+                return
+            api, suffix, namespaced = BUILT_IN[key]
+            if namespaced:
+                getattr(self._apis[api], f"delete_namespaced_{suffix}")(meta["name"], meta["namespace"])
+            else:
+                getattr(self._apis[api], f"delete_{suffix}")(meta["name"])
+        except ApiException as exc:
+            if exc.status != 404:
+                raise _classify(exc, f"delete {obj['kind']} {meta['name']}") from exc
+        except Exception as exc:
+            raise _classify(exc, f"delete {obj['kind']} {meta['name']}") from exc
+
+    def close(self) -> None:
+        self.api_client.close()
+
+
+def default_api_client() -> Any:
+    """In a pod: its ServiceAccount; elsewhere: the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+class KnativeBackend:
+    name = "knative"
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: ClusterConfig | None = None,
+        api_client_factory: Callable[[], Any] = default_api_client,
+        quota_of: Callable[[str], TenantQuota | None] = lambda tenant: None,
+    ) -> None:
+        self.settings = settings
+        self.config = config or ClusterConfig.from_env()
+        self._api_client_factory = api_client_factory
+        self._quota_of = quota_of  # the tenant's plan quota, when plans carry one
+        self._kube: KubeObjects | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._tenants: set[str] = set()  # tenants whose namespace objects this process has applied
+        self._ready: dict[tuple[str, str], int] = {}  # last known: 0 after a failed call, 1 after a success
+        self._pending: dict[tuple[str, str], int] = {}
+        self._listeners: list[WakeListener] = []
+
+    @property
+    def kube(self) -> KubeObjects:
+        if self._kube is None:
+            raise RuntimeError("KnativeBackend.start() was not called")
+        return self._kube
+
+    async def start(self) -> None:
+        self._kube = KubeObjects(await asyncio.to_thread(self._api_client_factory))
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=2.0))
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+        if self._kube is not None:
+            self._kube.close()
+
+    # --- objects --------------------------------------------------------------------------------------------
+
+    async def ensure_tenant(self, tenant: str) -> None:
+        """Namespace and its guard rails (idempotent; also the hook for 'tenant created')."""
+        for obj in tenant_objects(tenant, self.config, self._quota_of(tenant)):
+            await asyncio.to_thread(self.kube.apply, obj)
+        self._tenants.add(tenant)
+
+    async def remove_tenant(self, tenant: str) -> None:
+        """Deleting the namespace deletes everything in it (the hook for 'tenant deleted')."""
+        namespace = tenant_objects(tenant, self.config)[0]
+        await asyncio.to_thread(self.kube.delete, namespace)
+        self._tenants.discard(tenant)
+
+    async def deployed(self, fn: FunctionRecord) -> None:
+        if fn.tenant not in self._tenants:
+            await self.ensure_tenant(fn.tenant)
+        for obj in function_objects(spec_of(fn, self.settings), self.config):
+            await asyncio.to_thread(self.kube.apply, obj)
+
+    async def reconfigured(self, fn: FunctionRecord) -> None:
+        await self.deployed(fn)  # apply is create-or-update; Knative rolls a new revision when it must
+
+    async def removed(self, fn: FunctionRecord) -> None:
+        for obj in reversed(function_objects(spec_of(fn, self.settings), self.config)):
+            await asyncio.to_thread(self.kube.delete, obj)
+        self._ready.pop(fn.key, None)
+
+    # --- scaling: KEDA's, through our scaler -----------------------------------------------------------------
+
+    def on_wake(self, listener: WakeListener) -> None:
+        self._listeners.append(listener)
+
+    async def set_replicas(self, fn: FunctionRecord, count: int) -> None:
+        if count > 0:
+            await self._signal_wake(fn)
+
+    async def _signal_wake(self, fn: FunctionRecord) -> None:
+        assert self._http is not None
+        url = f"{self.config.scaler_wake_url}/v1/wake/{fn.tenant}/{fn.name}"
+        try:
+            response = await self._http.post(url, timeout=2.0)
+            if response.status_code != 202:
+                log.warning("wake signal for %s: scaler answered %d", fn.label, response.status_code)
+        except httpx.HTTPError as exc:  # KEDA's polling still wakes it, only later
+            log.warning("wake signal for %s did not reach the scaler: %s", fn.label, exc)
+
+    def replicas(self, fn: FunctionRecord) -> int:
+        return self._ready.get(fn.key, 0)
+
+    def replica_info(self, fn: FunctionRecord) -> list[dict[str, Any]]:
+        return []  # replicas are pods that Kubernetes lists: kubectl get pods -l paddlefn.dev/function=...
+
+    def pending(self, fn: FunctionRecord) -> int:
+        return self._pending.get(fn.key, 0)
+
+    def capacity(self) -> dict[str, int]:
+        return {}  # the cluster's, seen with kubectl; the ResourceQuota bounds each tenant
+
+    # --- data plane -----------------------------------------------------------------------------------------
+
+    async def forward(self, fn: FunctionRecord, request: Outgoing) -> Forwarded:
+        assert self._http is not None
+        spec = spec_of(fn, self.settings)
+        urls = [function_url(spec, self.config) + request.path]
+        started = time.perf_counter()
+        woke = False
+        self._pending[fn.key] = self._pending.get(fn.key, 0) + 1
+        try:
+            while True:
+                response = await self._try(urls, request, fn)
+                if response is not None:
+                    break
+                if not woke:
+                    woke = True
+                    self._ready[fn.key] = 0
+                    for listener in self._listeners:
+                        listener(fn)
+                    await self._signal_wake(fn)
+                    if spec.lite and self.config.lite_fallback:  # the CPU stand-in wakes faster: try it too
+                        urls.append(function_url(spec, self.config, "lite") + request.path)
+                if time.perf_counter() - started > request.cold_start_timeout_s:
+                    raise GatewayTimeout(
+                        f"function {fn.label} did not wake within its cold-start timeout of "
+                        f"{request.cold_start_timeout_s:g} s"
+                    )
+                await asyncio.sleep(0.05)
+        finally:
+            self._pending[fn.key] -= 1
+        self._ready[fn.key] = max(self._ready.get(fn.key, 0), 1)
+        return self._forwarded(response, time.perf_counter() - started if woke else None)
+
+    async def _try(self, urls: list[str], request: Outgoing, fn: FunctionRecord) -> httpx.Response | None:
+        """The first answer from a replica behind URLS, or None when none has an endpoint yet."""
+        assert self._http is not None
+        for url in urls:
+            try:
+                response = await self._http.post(
+                    url, content=request.body, headers=request.headers, timeout=request.timeout_s
+                )
+            except httpx.TimeoutException:
+                raise GatewayTimeout(
+                    f"function {fn.label} took longer than {request.timeout_s:g} s to answer"
+                ) from None
+            except httpx.TransportError:
+                continue
+            # No endpoint yet: connection refused, or Knative/the ingress answering 502/503 while at 0.
+            if response.status_code not in (502, 503):
+                return response
+        return None
+
+    @staticmethod
+    def _forwarded(response: httpx.Response, cold_start_s: float | None) -> Forwarded:
+        headers = {k: v for k in PASSED_RESPONSE_HEADERS if (v := response.headers.get(k)) is not None}
+        return Forwarded(
+            status=response.status_code,
+            body=response.content,
+            headers=headers,
+            engine=response.headers.get("x-paddlefn-engine", ""),
+            device=response.headers.get("x-paddlefn-device", ""),
+            compute_ms=float(response.headers.get("x-paddlefn-compute-ms", 0.0)),
+            cold_start_s=cold_start_s,
+        )

@@ -1,0 +1,89 @@
+"""Settings of the cluster deployment (the ``knative`` backend): one object, from ``PADDLEFN_K8S_*`` variables.
+
+Kept apart from ``functions.settings`` so the embedded platform never carries Kubernetes knobs; the backend
+builds it once at start (``ClusterConfig.from_env()``) and the renderers take it as a plain argument.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TenantQuota:
+    """What one tenant's namespace may use at most (a ResourceQuota) and its model storage."""
+
+    gpus: int = 4
+    """requests.nvidia.com/gpu: GPUs that the tenant's replicas may hold at once."""
+    cpu: str = "32"
+    """requests.cpu of all the tenant's pods."""
+    memory: str = "128Gi"
+    """requests.memory (and limits.memory) of all the tenant's pods."""
+    pods: int = 64
+    """Pods at once (replicas of all functions, GPU and Lite)."""
+    storage: str = "50Gi"
+    """Size of the tenant's model volume."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    mode: str = "knative"
+    """"knative": each function a Knative Service (+ Lite); "deployment": Deployment + Service + ScaledObject."""
+    namespace_prefix: str = "t-"
+    """A tenant's namespace is this prefix + the tenant name."""
+    system_namespace: str = "paddlefn-system"
+    """Namespace of the control plane, gateway and scaler (allowed into tenant namespaces)."""
+    ingress_namespaces: tuple[str, ...] = ("knative-serving", "kourier-system")
+    """Namespaces whose pods may reach functions besides the gateway: Knative's activator and ingress."""
+    gpu_image: str = "ghcr.io/paddlefn/runtime-gpu:0.1.0"
+    """Shared Paddle GPU runtime image (runtime/docker/Dockerfile.gpu)."""
+    lite_image: str = "ghcr.io/paddlefn/runtime-lite:0.1.0"
+    """Paddle Lite CPU image for the fallback service (runtime/docker/Dockerfile.lite)."""
+    lite_fallback: bool = True
+    """Render a Lite CPU service beside each GPU function (when the function's model converted to .nb)."""
+    scaler_address: str = "paddlefn-scaler.paddlefn-system.svc.cluster.local:8090"
+    """Where KEDA reaches our external scaler (gRPC)."""
+    scaler_wake_url: str = "http://paddlefn-scaler.paddlefn-system.svc.cluster.local:8091"
+    """Where the gateway posts wake signals."""
+    function_url: str = "http://{service}.{namespace}.svc.cluster.local"
+    """How the gateway reaches a function's service ({service}, {namespace}); e.g. via Knative's local gateway."""
+    storage_class: str = ""
+    """StorageClass of the tenants' model volumes (ReadWriteMany: the control plane writes, replicas read)."""
+    gpu_cpu: str = "2"
+    """CPU request of a GPU replica."""
+    gpu_memory: str = "8Gi"
+    """Memory request and limit of a GPU replica."""
+    lite_cpu: str = "1"
+    """CPU request of a Lite replica."""
+    lite_memory: str = "1Gi"
+    """Memory request and limit of a Lite replica."""
+    polling_interval_s: int = 15
+    """KEDA's pollingInterval; wake-ups do not wait for it (external-push streams them)."""
+    quota: TenantQuota = TenantQuota()
+    """Per-tenant quota when the tenant's plan sets none."""
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ClusterConfig:
+        """Defaults, then PADDLEFN_K8S_<FIELD> variables (tuples comma-separated), then overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"PADDLEFN_K8S_{f.name.upper()}")
+            if raw is None or f.name == "quota":
+                continue
+            kind = str(f.type)
+            if kind.startswith("tuple"):
+                values[f.name] = tuple(p.strip() for p in raw.split(",") if p.strip())
+            elif kind == "int":
+                values[f.name] = int(raw)
+            elif kind == "bool":
+                values[f.name] = raw.lower() in ("1", "true", "yes", "on")
+            else:
+                values[f.name] = raw
+        values.update(overrides)
+        config = replace(cls(), **values)
+        if config.mode not in ("knative", "deployment"):
+            raise ValueError(f"PADDLEFN_K8S_MODE={config.mode!r}: use 'knative' or 'deployment'")
+        return config

@@ -1,0 +1,345 @@
+"""Kubernetes objects of tenants and functions, rendered as plain dicts (pure: no client, no I/O).
+
+Pure so that every object can be validated against the real schemas in tests and shown by ``kubectl diff``;
+``functions.backends.knative`` applies them. Per tenant (namespace ``{prefix}{tenant}``):
+Namespace, ResourceQuota (GPUs included), LimitRange, NetworkPolicy, ServiceAccount (no token), model PVC.
+Per function, either (mode ``knative``) a Knative Service on the shared GPU image plus a Lite CPU Service,
+both with the HPA class and the autoscaler-keda extension's ScaledObject override pointing at our external
+scaler; or (mode ``deployment``) a Deployment + Service + KEDA ScaledObject per variant, without Knative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from functions.cluster.config import ClusterConfig, TenantQuota
+
+Obj = dict[str, Any]
+
+MANAGED = {"app.kubernetes.io/managed-by": "paddlefn"}
+TENANT_LABEL, FUNCTION_LABEL, VARIANT_LABEL = (
+    "paddlefn.dev/tenant",
+    "paddlefn.dev/function",
+    "paddlefn.dev/variant",
+)
+SERVICE_ACCOUNT, MODELS_CLAIM = "paddlefn-function", "models"
+PORT = 8080
+MODELS_MOUNT = "/models"
+# Knative refuses timeoutSeconds above its max-revision-timeout-seconds (600 unless the operator raises it).
+KNATIVE_MAX_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """What the renderers need of one function (built from a FunctionRecord by the backend)."""
+
+    tenant: str
+    name: str
+    version: str
+    min_scale: int = 0
+    max_scale: int = 4
+    target: int = 2  # concurrent requests per replica that the HPA aims for
+    container_concurrency: int = 4  # hard per-replica limit (Knative's queue-proxy enforces it)
+    idle_timeout_s: float = 900.0
+    request_timeout_s: float = 60.0
+    cold_start_timeout_s: float = 60.0
+    max_batch_size: int = 0  # dynamic batching in the worker (0: off)
+    max_queue_delay_ms: float = 2.0
+    lite: bool = False  # the deploy produced a Paddle Lite .nb that passed the golden check
+
+
+def namespace_of(tenant: str, config: ClusterConfig) -> str:
+    return dns_label(config.namespace_prefix + tenant)
+
+
+def dns_label(name: str) -> str:
+    """NAME when it fits a DNS label (63), else a prefix and a short hash: still unique, still valid."""
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[:54].rstrip('-')}-{digest}"
+
+
+def _meta(name: str, namespace: str | None, tenant: str, extra: dict[str, str] | None = None) -> Obj:
+    meta: Obj = {"name": name, "labels": {**MANAGED, TENANT_LABEL: tenant, **(extra or {})}}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    return meta
+
+
+# --- tenant ---------------------------------------------------------------------------------------------------
+
+
+def tenant_objects(tenant: str, config: ClusterConfig, quota: TenantQuota | None = None) -> list[Obj]:
+    """Everything a tenant's namespace holds before its first function, in the order to apply them."""
+    q = quota or config.quota
+    ns = namespace_of(tenant, config)
+    namespace: Obj = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": _meta(ns, None, tenant),
+    }
+    # Baseline enforced (GPU device plugins and Knative's queue-proxy pass it); restricted only warned about.
+    namespace["metadata"]["labels"].update(
+        {"pod-security.kubernetes.io/enforce": "baseline", "pod-security.kubernetes.io/warn": "restricted"}
+    )
+    hard = {
+        "requests.cpu": q.cpu,
+        "requests.memory": q.memory,
+        "limits.memory": q.memory,
+        "requests.nvidia.com/gpu": str(q.gpus),
+        "pods": str(q.pods),
+        "persistentvolumeclaims": "2",
+        "requests.storage": q.storage,
+    }
+    quota_obj = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": _meta("paddlefn-quota", ns, tenant),
+                 "spec": {"hard": hard}}  # fmt: skip
+    # Defaults for containers that state nothing (a quota on requests rejects pods without them).
+    limit_range = {
+        "apiVersion": "v1",
+        "kind": "LimitRange",
+        "metadata": _meta("paddlefn-defaults", ns, tenant),
+        "spec": {
+            "limits": [
+                {
+                    "type": "Container",
+                    "defaultRequest": {"cpu": "100m", "memory": "128Mi"},
+                    "default": {"memory": "512Mi"},
+                    "max": {"memory": q.memory},
+                }
+            ]
+        },
+    }
+    allowed = [config.system_namespace, *config.ingress_namespaces]
+    network_policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta("paddlefn-isolation", ns, tenant),
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Ingress"],
+            # Nothing from other tenants' namespaces: only this namespace, the gateway's and Knative's.
+            "ingress": [
+                {
+                    "from": [{"podSelector": {}}]
+                    + [
+                        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+                        for name in allowed
+                    ]
+                }
+            ],
+        },
+    }
+    service_account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(SERVICE_ACCOUNT, ns, tenant),
+        "automountServiceAccountToken": False,  # a model server has no business with the API server
+    }
+    claim_spec: Obj = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": q.storage}}}
+    if config.storage_class:
+        claim_spec["storageClassName"] = config.storage_class
+    claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta(MODELS_CLAIM, ns, tenant),
+             "spec": claim_spec}  # fmt: skip
+    return [namespace, quota_obj, limit_range, network_policy, service_account, claim]
+
+
+# --- function -------------------------------------------------------------------------------------------------
+
+
+def function_objects(fn: FunctionSpec, config: ClusterConfig) -> list[Obj]:
+    """The function's objects in the configured mode: GPU first, then the Lite fallback when there is one."""
+    variants = ["gpu", "lite"] if fn.lite and config.lite_fallback else ["gpu"]
+    objects: list[Obj] = []
+    for variant in variants:
+        if config.mode == "knative":
+            objects.append(knative_service(fn, config, variant))
+        else:
+            objects.extend(deployment_objects(fn, config, variant))
+    return objects
+
+
+def service_name(fn: FunctionSpec, variant: str) -> str:
+    # Knative appends "-00001-deployment" to revision names: keep the service name well under 63.
+    base = fn.name if variant == "gpu" else f"{fn.name}-lite"
+    if len(base) <= 46:
+        return base
+    return f"{base[:37].rstrip('-')}-{hashlib.sha256(base.encode()).hexdigest()[:8]}"
+
+
+def _labels(fn: FunctionSpec, variant: str) -> dict[str, str]:
+    return {**MANAGED, TENANT_LABEL: fn.tenant, FUNCTION_LABEL: fn.name, VARIANT_LABEL: variant}
+
+
+def _container(fn: FunctionSpec, config: ClusterConfig, variant: str) -> Obj:
+    gpu = variant == "gpu"
+    model_dir = f"{MODELS_MOUNT}/{fn.name}/{fn.version}/serving"
+    args = ["--port", str(PORT), "--model-dir", model_dir, "--model-name", fn.name,
+            "--device", "gpu" if gpu else "cpu", "--engine", "paddle" if gpu else "lite"]  # fmt: skip
+    if fn.max_batch_size:
+        args += [
+            "--max-batch-size",
+            str(fn.max_batch_size),
+            "--max-queue-delay-ms",
+            f"{fn.max_queue_delay_ms:g}",
+        ]
+    cpu, memory = (config.gpu_cpu, config.gpu_memory) if gpu else (config.lite_cpu, config.lite_memory)
+    requests: Obj = {"cpu": cpu, "memory": memory}
+    limits: Obj = {"memory": memory}
+    if gpu:  # extended resources: request = limit, and only whole devices
+        requests["nvidia.com/gpu"] = "1"
+        limits["nvidia.com/gpu"] = "1"
+    return {
+        "name": "runtime",
+        "image": config.gpu_image if gpu else config.lite_image,
+        "args": args,
+        "ports": [{"name": "http1", "containerPort": PORT}],
+        "env": [
+            {"name": "PADDLEFN_TENANT", "value": fn.tenant},
+            {"name": "PADDLEFN_FUNCTION", "value": fn.name},
+            {"name": "GLOG_minloglevel", "value": "2"},
+        ],
+        "resources": {"requests": requests, "limits": limits},
+        # The OIP ready endpoint turns true once the model is loaded and has run once (cold start included).
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready"},
+            "periodSeconds": 1,
+            "failureThreshold": max(3, int(fn.cold_start_timeout_s)),
+        },
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_MOUNT, "readOnly": True}],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+
+
+def _volumes() -> list[Obj]:
+    return [{"name": "models", "persistentVolumeClaim": {"claimName": MODELS_CLAIM, "readOnly": True}}]
+
+
+def _trigger(fn: FunctionSpec, config: ClusterConfig) -> Obj:
+    # external-push: KEDA keeps a StreamIsActive stream open, so a wake signal scales 0 -> 1 at once.
+    return {
+        "type": "external-push",
+        "metadata": {
+            "scalerAddress": config.scaler_address,
+            "tenant": fn.tenant,
+            "function": fn.name,
+            "target": str(fn.target),
+            "minScale": str(fn.min_scale),
+            "maxScale": str(fn.max_scale),
+        },
+    }
+
+
+def scaled_object_spec(fn: FunctionSpec, config: ClusterConfig, variant: str, target_name: str) -> Obj:
+    max_scale = fn.max_scale if variant == "gpu" else 1  # the Lite service is a stand-in, not a second fleet
+    return {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target_name},
+        "minReplicaCount": fn.min_scale,
+        "maxReplicaCount": max_scale,
+        "pollingInterval": config.polling_interval_s,
+        # KEDA waits this long after the scaler last said "active" before scaling to 0: the idle timeout.
+        "cooldownPeriod": max(1, round(fn.idle_timeout_s)),
+        "triggers": [_trigger(fn, config)],
+    }
+
+
+def knative_service(fn: FunctionSpec, config: ClusterConfig, variant: str) -> Obj:
+    name = service_name(fn, variant)
+    ns = namespace_of(fn.tenant, config)
+    labels = _labels(fn, variant)
+    # autoscaler-keda turns this override into the revision's ScaledObject (it fills name and scaleTargetRef).
+    override = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "spec": {
+            k: v for k, v in scaled_object_spec(fn, config, variant, "").items() if k != "scaleTargetRef"
+        },
+    }
+    annotations = {
+        "autoscaling.knative.dev/class": "hpa.autoscaling.knative.dev",
+        "autoscaling.knative.dev/min-scale": str(fn.min_scale),
+        "autoscaling.knative.dev/max-scale": str(fn.max_scale if variant == "gpu" else 1),
+        "autoscaling.knative.dev/scaled-object-override": json.dumps(override, separators=(",", ":")),
+        "paddlefn.dev/version": fn.version,
+    }
+    spec = {
+        "containerConcurrency": fn.container_concurrency,
+        "timeoutSeconds": min(KNATIVE_MAX_TIMEOUT_S, max(1, round(fn.request_timeout_s))),
+        "serviceAccountName": SERVICE_ACCOUNT,
+        "containers": [_container(fn, config, variant)],
+        "volumes": _volumes(),
+    }
+    return {
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            # Reached only through the gateway, never from outside the cluster.
+            "labels": {**labels, "networking.knative.dev/visibility": "cluster-local"},
+        },
+        "spec": {"template": {"metadata": {"labels": labels, "annotations": annotations}, "spec": spec}},
+    }
+
+
+def deployment_objects(fn: FunctionSpec, config: ClusterConfig, variant: str) -> list[Obj]:
+    """Without Knative: Deployment (KEDA owns its replicas), ClusterIP Service, ScaledObject."""
+    name = service_name(fn, variant)
+    ns = namespace_of(fn.tenant, config)
+    labels = _labels(fn, variant)
+    selector = {TENANT_LABEL: fn.tenant, FUNCTION_LABEL: fn.name, VARIANT_LABEL: variant}
+    container = _container(fn, config, variant)
+    container["readinessProbe"]["httpGet"]["port"] = "http1"
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": labels,
+            "annotations": {"paddlefn.dev/version": fn.version},
+        },
+        "spec": {
+            # No "replicas": KEDA owns it, and server-side apply would take it back on every update.
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": SERVICE_ACCOUNT,
+                    "automountServiceAccountToken": False,
+                    "terminationGracePeriodSeconds": min(
+                        KNATIVE_MAX_TIMEOUT_S, round(fn.request_timeout_s) + 5
+                    ),
+                    "containers": [container],
+                    "volumes": _volumes(),
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"selector": selector, "ports": [{"name": "http", "port": 80, "targetPort": "http1"}]},
+    }
+    scaled_object = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": scaled_object_spec(fn, config, variant, name),
+    }
+    return [deployment, service, scaled_object]
+
+
+def function_url(fn: FunctionSpec, config: ClusterConfig, variant: str = "gpu") -> str:
+    """Where the gateway reaches a replica from inside the cluster (Knative's or our Service's DNS name)."""
+    ns = namespace_of(fn.tenant, config)
+    return config.function_url.format(service=service_name(fn, variant), namespace=ns).rstrip("/")

@@ -1,0 +1,126 @@
+"""Every object the knative backend renders validates strictly against the real schemas (offline)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from functions.cluster.config import ClusterConfig, TenantQuota
+from functions.cluster.render import FunctionSpec, function_objects, service_name, tenant_objects
+from tests.cluster.schemas import validate
+
+KNATIVE = ClusterConfig()
+DEPLOYMENT = ClusterConfig(mode="deployment", storage_class="nfs-client")
+FUNCTIONS = [
+    FunctionSpec("acme", "classify", "v3", lite=True, max_batch_size=32, min_scale=1, max_scale=8),
+    FunctionSpec("acme", "tiny", "v1", idle_timeout_s=60, request_timeout_s=3600, cold_start_timeout_s=2),
+    FunctionSpec("t" * 63, "f" * 63, "v1", lite=True),  # longest names the platform allows
+]
+
+
+def all_objects() -> list[tuple[str, dict[str, Any]]]:
+    objects = []
+    for config in (KNATIVE, DEPLOYMENT, ClusterConfig(lite_fallback=False)):
+        for tenant in ("acme", "t" * 63):
+            objects += tenant_objects(tenant, config, TenantQuota(gpus=2))
+        for fn in FUNCTIONS:
+            objects += function_objects(fn, config)
+    return [(f"{o['kind']}/{o['metadata']['name'][:20]}-{i}", o) for i, o in enumerate(objects)]
+
+
+@pytest.mark.parametrize("obj", [o for _, o in all_objects()], ids=[i for i, _ in all_objects()])
+def test_every_rendered_object_validates_strictly(obj: dict[str, Any]) -> None:
+    validate(obj)
+
+
+def override_of(service: dict[str, Any]) -> dict[str, Any]:
+    annotations = service["spec"]["template"]["metadata"]["annotations"]
+    return json.loads(annotations["autoscaling.knative.dev/scaled-object-override"])
+
+
+def test_the_scaled_object_override_validates_once_the_extension_completes_it() -> None:
+    # autoscaler-keda sets name, namespace and scaleTargetRef from the revision (setScaledObjectDefaults).
+    for fn in FUNCTIONS:
+        for service in function_objects(fn, KNATIVE):
+            override = override_of(service)
+            override["metadata"] = {"name": f"{service['metadata']['name']}-00001", "namespace": "t-acme"}
+            override["spec"]["scaleTargetRef"] = {"name": f"{service['metadata']['name']}-00001-deployment"}
+            validate(override)
+
+
+def test_strict_validation_rejects_unknown_fields() -> None:
+    # The API server would silently drop these; strict validation must not.
+    service, *_ = function_objects(FUNCTIONS[0], KNATIVE)
+    typo = copy.deepcopy(service)
+    typo["spec"]["template"]["spec"]["containerConcurency"] = 4
+    with pytest.raises(Exception, match="containerConcurency"):
+        validate(typo)
+    scaled = function_objects(FUNCTIONS[0], DEPLOYMENT)[2]
+    typo = copy.deepcopy(scaled)
+    typo["spec"]["minReplicas"] = 0
+    with pytest.raises(Exception, match="minReplicas"):
+        validate(typo)
+    quota = copy.deepcopy(tenant_objects("acme", KNATIVE)[1])
+    quota["spec"]["hardd"] = {}
+    with pytest.raises(Exception, match="hardd"):
+        validate(quota)
+
+
+def test_a_knative_function_is_driven_by_keda_through_our_scaler() -> None:
+    gpu, lite = function_objects(FUNCTIONS[0], KNATIVE)
+    template = gpu["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["autoscaling.knative.dev/class"] == "hpa.autoscaling.knative.dev"
+    spec = override_of(gpu)["spec"]
+    assert spec["cooldownPeriod"] == 900  # the idle timeout
+    assert spec["minReplicaCount"] == 1 and spec["maxReplicaCount"] == 8
+    trigger = spec["triggers"][0]
+    assert trigger["type"] == "external-push"
+    assert trigger["metadata"]["scalerAddress"] == KNATIVE.scaler_address
+    assert (trigger["metadata"]["tenant"], trigger["metadata"]["function"]) == ("acme", "classify")
+    container = template["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert template["spec"]["containerConcurrency"] == FUNCTIONS[0].container_concurrency
+    assert "--max-batch-size" in container["args"]
+    assert lite["metadata"]["name"] == "classify-lite"
+    lite_container = lite["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in lite_container["resources"]["limits"]
+    assert lite_container["image"] == KNATIVE.lite_image and "lite" in lite_container["args"]
+    assert override_of(lite)["spec"]["maxReplicaCount"] == 1
+
+
+def test_request_timeouts_stay_within_knatives_limit() -> None:
+    service = function_objects(FUNCTIONS[1], KNATIVE)[0]
+    assert service["spec"]["template"]["spec"]["timeoutSeconds"] == 600
+
+
+def test_without_knative_a_function_is_a_deployment_a_service_and_an_external_scaled_object() -> None:
+    kinds = [(o["kind"], o["metadata"]["name"]) for o in function_objects(FUNCTIONS[0], DEPLOYMENT)]
+    expected = [(kind, name) for name in ("classify", "classify-lite") for kind in ("Deployment", "Service", "ScaledObject")]
+    assert kinds == expected
+    deployment, _, scaled = function_objects(FUNCTIONS[0], DEPLOYMENT)[:3]
+    assert "replicas" not in deployment["spec"]  # KEDA owns it
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "classify"
+    assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_a_tenant_gets_a_fenced_namespace_with_a_gpu_quota() -> None:
+    objects = {o["kind"]: o for o in tenant_objects("acme", KNATIVE, TenantQuota(gpus=3))}
+    assert objects["Namespace"]["metadata"]["name"] == "t-acme"
+    assert objects["ResourceQuota"]["spec"]["hard"]["requests.nvidia.com/gpu"] == "3"
+    assert objects["ServiceAccount"]["automountServiceAccountToken"] is False
+    sources = objects["NetworkPolicy"]["spec"]["ingress"][0]["from"]
+    allowed = {s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for s in sources[1:]}
+    assert allowed == {"paddlefn-system", "knative-serving", "kourier-system"}
+    assert sources[0] == {"podSelector": {}}  # the namespace itself; no other tenant's namespace
+    assert objects["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_long_names_stay_valid_and_distinct() -> None:
+    long_a, long_b = FunctionSpec("a", "f" * 60 + "abc", "v1"), FunctionSpec("a", "f" * 60 + "abd", "v1")
+    names = {service_name(long_a, "gpu"), service_name(long_b, "gpu"), service_name(long_a, "lite")}
+    assert len(names) == 3 and all(len(n) <= 46 for n in names)
