@@ -100,7 +100,8 @@ def test_request_timeouts_stay_within_knatives_limit() -> None:
 
 def test_without_knative_a_function_is_a_deployment_a_service_and_an_external_scaled_object() -> None:
     kinds = [(o["kind"], o["metadata"]["name"]) for o in function_objects(FUNCTIONS[0], DEPLOYMENT)]
-    expected = [(kind, name) for name in ("classify", "classify-lite") for kind in ("Deployment", "Service", "ScaledObject")]
+    kinds_of_each = ("Deployment", "Service", "ScaledObject")
+    expected = [(kind, name) for name in ("classify", "classify-lite") for kind in kinds_of_each]
     assert kinds == expected
     deployment, _, scaled = function_objects(FUNCTIONS[0], DEPLOYMENT)[:3]
     assert "replicas" not in deployment["spec"]  # KEDA owns it
