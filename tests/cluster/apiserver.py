@@ -35,6 +35,12 @@ PATH = re.compile(
 )
 NAMESPACE_PATH = re.compile(r"^/api/v1/namespaces/(?P<name>[^/]+)$")
 APPLY = "application/apply-patch+yaml"
+# DELETE answers the deleted object for these (core Services, custom resources), a Status for the rest.
+RETURN_DELETED = {
+    ("v1", "Service"),
+    ("serving.knative.dev/v1", "Service"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+}
 
 Key = tuple[str, str, str, str]  # apiVersion, kind, namespace ("" when cluster-scoped), name
 
@@ -104,11 +110,14 @@ class StandInApiServer:
                     return self._status(h, 404, "NotFound", f"{key[1]} {key[3]} not found")
                 return self._json(h, 200, self.objects[key])
             if verb == "DELETE":
-                if self.objects.pop(key, None) is None:
+                deleted = self.objects.pop(key, None)
+                if deleted is None:
                     return self._status(h, 404, "NotFound", f"{key[1]} {key[3]} not found")
                 if key[1] == "Namespace":  # the namespace takes everything in it along
                     for k in [k for k in self.objects if k[2] == key[3]]:
                         del self.objects[k]
+                if key[:2] in RETURN_DELETED:  # as the real server (and the client's declared return types)
+                    return self._json(h, 200, deleted)
                 return self._status(h, 200, "Success", "deleted")
             return self._apply(h, key, parse_qs(parts.query))
 

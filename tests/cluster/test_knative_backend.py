@@ -1,0 +1,197 @@
+"""The knative backend through the official kubernetes client, against the stand-in API server
+(``tests/cluster/apiserver.py``: a real HTTP server that validates every body strictly; not Kubernetes)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from functions.backends.base import Outgoing
+from functions.backends.knative import KnativeBackend, PermanentClusterError, TemporaryClusterError
+from functions.cluster.config import ClusterConfig
+from functions.errors import GatewayTimeout
+from functions.registry import FunctionConfig, FunctionRecord
+from functions.settings import Settings
+from tests.cluster.apiserver import StandInApiServer
+from tests.cluster.conftest import FakeSource, ScalerThread, wait_until
+
+
+@pytest.fixture
+def apiserver() -> Iterator[StandInApiServer]:
+    server = StandInApiServer().start()
+    yield server
+    server.stop()
+
+
+def record(name: str = "classify", **config: Any) -> FunctionRecord:
+    now = datetime.now(UTC)
+    return FunctionRecord(
+        1, "acme", name, "ready", FunctionConfig(**config), "v1", Path("/nowhere"), None, None, now, now
+    )
+
+
+def backend_for(apiserver: StandInApiServer, **config: Any) -> KnativeBackend:
+    def api_client() -> client.ApiClient:
+        configuration = client.Configuration(host=apiserver.url)
+        return client.ApiClient(configuration)
+
+    return KnativeBackend(Settings(), ClusterConfig(**config), api_client_factory=api_client)
+
+
+def run(backend: KnativeBackend, *steps: Callable[[KnativeBackend], Any]) -> list[Any]:
+    async def scenario() -> list[Any]:
+        await backend.start()
+        try:
+            return [await step(backend) for step in steps]
+        finally:
+            await backend.close()
+
+    return asyncio.run(scenario())
+
+
+def test_deploying_a_function_creates_the_tenant_namespace_then_its_knative_service(
+    apiserver: StandInApiServer,
+) -> None:
+    run(backend_for(apiserver), lambda b: b.deployed(record()))
+    assert apiserver.kinds() == [
+        ("LimitRange", "t-acme", "paddlefn-defaults"),
+        ("Namespace", "", "t-acme"),
+        ("NetworkPolicy", "t-acme", "paddlefn-isolation"),
+        ("PersistentVolumeClaim", "t-acme", "models"),
+        ("ResourceQuota", "t-acme", "paddlefn-quota"),
+        ("Service", "t-acme", "classify"),
+        ("ServiceAccount", "t-acme", "paddlefn-function"),
+    ]
+    assert apiserver.requests[0] == (
+        "PATCH",
+        "/api/v1/namespaces/t-acme",
+    )  # the namespace before its contents
+    assert ("PATCH", "/apis/serving.knative.dev/v1/namespaces/t-acme/services/classify") in apiserver.requests
+
+
+def test_reconfiguring_updates_the_same_objects_in_place(apiserver: StandInApiServer) -> None:
+    run(
+        backend_for(apiserver),
+        lambda b: b.deployed(record(max_scale=2)),
+        lambda b: b.reconfigured(record(max_scale=9)),
+    )
+    service = apiserver.get("serving.knative.dev/v1", "Service", "t-acme", "classify")
+    assert service["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"] == "9"
+    assert len(apiserver.kinds()) == 7
+
+
+def test_removing_a_function_deletes_its_objects_and_keeps_the_tenant(apiserver: StandInApiServer) -> None:
+    run(
+        backend_for(apiserver, mode="deployment"),
+        lambda b: b.deployed(record()),
+        lambda b: b.removed(record()),
+    )
+    kinds = {kind for kind, _, _ in apiserver.kinds()}
+    assert "Deployment" not in kinds and "ScaledObject" not in kinds and "Namespace" in kinds
+    assert ("DELETE", "/apis/keda.sh/v1alpha1/namespaces/t-acme/scaledobjects/classify") in apiserver.requests
+
+
+def test_removing_twice_is_harmless_and_removing_a_tenant_takes_its_namespace(
+    apiserver: StandInApiServer,
+) -> None:
+    run(
+        backend_for(apiserver),
+        lambda b: b.deployed(record()),
+        lambda b: b.removed(record()),
+        lambda b: b.removed(record()),
+        lambda b: b.remove_tenant("acme"),
+    )
+    assert apiserver.kinds() == []
+
+
+def test_api_errors_carry_their_retry_meaning(apiserver: StandInApiServer) -> None:
+    apiserver.fail_next = [503]
+    with pytest.raises(TemporaryClusterError, match="503"):
+        run(backend_for(apiserver), lambda b: b.deployed(record()))
+    apiserver.fail_next = [403]
+    with pytest.raises(PermanentClusterError, match="403"):
+        run(backend_for(apiserver), lambda b: b.deployed(record()))
+
+
+def test_an_object_the_schemas_reject_is_a_permanent_error(apiserver: StandInApiServer) -> None:
+    # "eight gigs" is no Kubernetes quantity: the stand-in answers 422 as the real server would.
+    backend = backend_for(apiserver, gpu_memory="eight gigs")
+    with pytest.raises(PermanentClusterError, match="422"):
+        run(backend, lambda b: b.deployed(record()))
+
+
+class _Replica(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        body = b'{"outputs": []}'
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("x-paddlefn-device", "gpu")
+        self.send_header("x-paddlefn-compute-ms", "1.5")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def outgoing(cold_start_timeout_s: float = 5.0) -> Outgoing:
+    return Outgoing(
+        "/v2/models/classify/infer", b"{}", {"content-type": "application/json"}, cold_start_timeout_s, 5.0
+    )
+
+
+def test_a_request_to_a_sleeping_function_signals_the_scaler_and_waits_for_a_replica(
+    apiserver: StandInApiServer, scaler_factory: Callable[..., ScalerThread]
+) -> None:
+    scaler = scaler_factory(FakeSource())
+    replica = ThreadingHTTPServer(("127.0.0.1", 0), _Replica)
+    port = replica.server_port
+    replica.server_close()  # the port is known but nothing listens yet: the function is asleep
+    backend = backend_for(
+        apiserver,
+        function_url=f"http://127.0.0.1:{port}/{{namespace}}/{{service}}",
+        scaler_wake_url=scaler.http_url,
+    )
+    woken: list[str] = []
+    backend.on_wake(lambda fn: woken.append(fn.label))
+    serving: list[ThreadingHTTPServer] = []
+
+    def wake_replica_once_the_scaler_says_active() -> None:
+        wait_until(lambda: scaler.service.board.is_active(("acme", "classify")), 5, "the wake signal")
+        server = ThreadingHTTPServer(("127.0.0.1", port), _Replica)
+        serving.append(server)
+        server.serve_forever(poll_interval=0.05)
+
+    thread = threading.Thread(target=wake_replica_once_the_scaler_says_active)
+    thread.start()
+    try:
+        [forwarded] = run(backend, lambda b: b.forward(record(), outgoing()))
+    finally:
+        wait_until(lambda: bool(serving), 5, "the replica to start")
+        serving[0].shutdown()
+        serving[0].server_close()
+        thread.join(5)
+    assert forwarded.status == 200 and forwarded.device == "gpu" and forwarded.compute_ms == 1.5
+    assert forwarded.cold_start_s is not None and woken == ["acme/classify"]
+
+
+def test_a_function_that_does_not_wake_in_time_is_a_504(
+    apiserver: StandInApiServer, scaler_factory: Callable[..., ScalerThread]
+) -> None:
+    scaler = scaler_factory(FakeSource())
+    backend = backend_for(
+        apiserver, function_url="http://127.0.0.1:9/{service}", scaler_wake_url=scaler.http_url
+    )
+    with pytest.raises(GatewayTimeout, match=r"cold-start timeout of 0\.3 s"):
+        run(backend, lambda b: b.forward(record(), outgoing(cold_start_timeout_s=0.3)))
+    assert scaler.service.board.is_active(("acme", "classify"))
