@@ -187,7 +187,9 @@ def test_lite_host_answers_bad_requests_and_survives_a_crash(prepared):
         again, _ = host.infer({"x": x})  # a new host serves the next request
         np.testing.assert_array_equal(again[0], first[0])
     finally:
+        proc = host.proc
         host.close()
+    assert proc is not None and proc.returncode == 0  # closing its stdin ends the host by itself
 
 
 def test_engine_refuses_a_model_without_lite(models, tmp_path):

@@ -53,7 +53,7 @@ def normalise_program(src: Path, dest: Path) -> list[str]:
     from paddle.base import core
     from paddle.base.proto import framework_pb2
 
-    desc = framework_pb2.ProgramDesc()
+    desc = framework_pb2.ProgramDesc()  # type: ignore[attr-defined]  # generated protobuf: no stubs
     try:
         desc.ParseFromString(src.read_bytes())
     except Exception as exc:
