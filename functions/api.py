@@ -45,10 +45,16 @@ class KeyIn(BaseModel):
     scopes: list[str] | None = Field(None, description="subset of ['invoke', 'manage']; default both")
 
 
+def actor(principal: Principal | None) -> str:
+    return principal.key_id if principal else "anonymous"
+
+
 def tenant_view(tenant: Tenant, platform: Platform) -> dict[str, Any]:
     return {
         "name": tenant.name,
         "plan": tenant.plan,
+        "limits": platform.limits_of(tenant.name).model_dump(),
+        "usage": platform.tenant_usage(tenant.name),
         "created_at": tenant.created_at.isoformat(),
         "functions": len(platform.registry.of_tenant(tenant.name)),
         "url": f"{platform.settings.base_url}/t/{tenant.name}",
@@ -84,7 +90,8 @@ def whoami(platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
 @router.post("/tenants", status_code=201)
 def create_tenant(body: TenantIn, platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
     platform.require_admin(principal)
-    tenant, row, key = platform.create_tenant(body.name)
+    with platform.audit.change(actor(principal), body.name, "tenant.create", body.name):
+        tenant, row, key = platform.create_tenant(body.name)
     return {"tenant": tenant_view(tenant, platform), "key": key_view(row, key.token)}
 
 
@@ -103,14 +110,16 @@ def get_tenant(tenant: str, platform: PlatformDep, principal: PrincipalDep) -> d
 @router.delete("/tenants/{tenant}", status_code=204)
 async def delete_tenant(tenant: str, platform: PlatformDep, principal: PrincipalDep) -> Response:
     platform.require_admin(principal)
-    await platform.delete_tenant(tenant)
+    with platform.audit.change(actor(principal), tenant, "tenant.delete", tenant):
+        await platform.delete_tenant(tenant)
     return Response(status_code=204)
 
 
 @router.post("/tenants/{tenant}/keys", status_code=201)
 def create_key(tenant: str, body: KeyIn, platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
     tenant_id = platform.tenant_for(principal, tenant, MANAGE)
-    row, key = platform.create_key(tenant, tenant_id, body.name, body.scopes)
+    with platform.audit.change(actor(principal), tenant, "key.create", body.name):
+        row, key = platform.create_key(tenant, tenant_id, body.name, body.scopes)
     return key_view(row, key.token)
 
 
@@ -123,7 +132,8 @@ def list_keys(tenant: str, platform: PlatformDep, principal: PrincipalDep) -> di
 @router.delete("/tenants/{tenant}/keys/{key_id}", status_code=204)
 def revoke_key(tenant: str, key_id: str, platform: PlatformDep, principal: PrincipalDep) -> Response:
     tenant_id = platform.tenant_for(principal, tenant, MANAGE)
-    platform.revoke_key(tenant_id, key_id)
+    with platform.audit.change(actor(principal), tenant, "key.revoke", key_id):
+        platform.revoke_key(tenant_id, key_id)
     return Response(status_code=204)
 
 
@@ -148,17 +158,27 @@ UPLOAD_DOC = {
 
 
 @router.post("/tenants/{tenant}/functions", status_code=202, openapi_extra=UPLOAD_DOC)
-async def create_function(tenant: str, request: Request, platform: PlatformDep, principal: PrincipalDep) -> Any:
+async def create_function(
+    tenant: str, request: Request, platform: PlatformDep, principal: PrincipalDep
+) -> Any:
     tenant_id = platform.tenant_for(principal, tenant, MANAGE)
-    limit = platform.settings.max_upload_bytes
+    with platform.audit.change(actor(principal), tenant, "function.create", request.url.path):
+        return await _create_function(tenant, tenant_id, request, platform)
+
+
+async def _create_function(tenant: str, tenant_id: int, request: Request, platform: Platform) -> Any:
+    limit = min(platform.settings.max_upload_bytes, platform.limits_of(tenant).max_model_bytes)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        platform.check_upload_size(tenant, int(declared))  # names the plan's limit when that is the one
         raise PayloadTooLarge(f"the upload is {int(declared)} bytes; the limit is {limit}")
     limited = Request(request.scope, _limited(request.receive, limit))
     try:
         form = await limited.form(max_files=1, max_fields=10)
     except MultiPartException as exc:
-        raise BadRequest(f"send multipart/form-data with fields name, model and config: {exc.message}") from None
+        raise BadRequest(
+            f"send multipart/form-data with fields name, model and config: {exc.message}"
+        ) from None
     try:
         name = form.get("name")
         model = form.get("model")
@@ -218,14 +238,16 @@ async def update_function(
     tenant: str, name: str, patch: dict[str, Any], platform: PlatformDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     platform.tenant_for(principal, tenant, MANAGE)
-    updated = await platform.update_function(platform.function(tenant, name), patch)
+    with platform.audit.change(actor(principal), tenant, "function.update", name):
+        updated = await platform.update_function(platform.function(tenant, name), patch)
     return platform.function_view(updated)
 
 
 @router.delete("/tenants/{tenant}/functions/{name}", status_code=204)
 async def delete_function(tenant: str, name: str, platform: PlatformDep, principal: PrincipalDep) -> Response:
     platform.tenant_for(principal, tenant, MANAGE)
-    await platform.delete_function(platform.function(tenant, name))
+    with platform.audit.change(actor(principal), tenant, "function.delete", name):
+        await platform.delete_function(platform.function(tenant, name))
     return Response(status_code=204)
 
 
@@ -244,3 +266,33 @@ def capacity(platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
         if platform.backend.replicas(f)
     ]
     return {"workers": platform.backend.capacity(), "warm": warm}
+
+
+@router.get("/tenants/{tenant}/audit", response_model=None)
+def tenant_audit(
+    tenant: str, platform: PlatformDep, principal: PrincipalDep, format: str = "json", limit: int = 1000
+) -> Any:
+    """The tenant's own audit entries (JSON, or JSON lines with ?format=jsonl)."""
+    platform.tenant_for(principal, tenant, MANAGE)
+    return _audit_answer(platform.audit.entries(tenant, limit=min(limit, 100_000)), format)
+
+
+@router.get("/audit", response_model=None)
+def all_audit(
+    platform: PlatformDep,
+    principal: PrincipalDep,
+    tenant: str | None = None,
+    format: str = "json",
+    limit: int = 1000,
+) -> Any:
+    """Every audit entry, or one tenant's (admin)."""
+    platform.require_admin(principal)
+    return _audit_answer(platform.audit.entries(tenant, limit=min(limit, 100_000)), format)
+
+
+def _audit_answer(entries: list[dict[str, Any]], format: str) -> Any:
+    if format == "jsonl":
+        return Response("".join(json.dumps(e) + "\n" for e in entries), media_type="application/jsonl")
+    if format != "json":
+        raise BadRequest("format must be json or jsonl")
+    return {"entries": entries}

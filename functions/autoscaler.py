@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from functions.activator import Activator
+from functions.audit import SYSTEM, AuditLog
 from functions.backends.base import Backend
 from functions.metrics import Metrics
 from functions.registry import FunctionRecord, Registry
@@ -22,8 +24,18 @@ log = logging.getLogger("paddlefn.autoscaler")
 
 class Autoscaler:
     def __init__(
-        self, registry: Registry, backend: Backend, source: Activator, settings: Settings, metrics: Metrics
+        self,
+        registry: Registry,
+        backend: Backend,
+        source: Activator,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        max_replicas_of: Callable[[str], int] | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        self.max_replicas_of = max_replicas_of  # the tenant's plan limit across all its functions
+        self.audit = audit
         self.registry = registry
         self.backend = backend
         self.source = source
@@ -47,13 +59,24 @@ class Autoscaler:
             current = self.backend.replicas(fn)
             decision = decide(load, self.scaling(fn), current, self._states.get(fn.key, State()), now)
             self._states[fn.key] = decision.state
-            if decision.desired != current:
-                log.info("%s: %d -> %d replicas (%s)", fn.label, current, decision.desired, decision.reason)
-                await self.backend.set_replicas(fn, decision.desired)
+            desired = self._within_tenant_limit(fn, current, decision.desired)
+            if desired != current:
+                log.info("%s: %d -> %d replicas (%s)", fn.label, current, desired, decision.reason)
+                await self.backend.set_replicas(fn, desired)
+                if desired == 0 and self.audit is not None:
+                    self.audit.record_soon(SYSTEM, fn.tenant, "function.sleep", fn.name, decision.reason)
             self.metrics.replicas.labels(fn.tenant, fn.name).set(self.backend.replicas(fn))
         capacity = self.backend.capacity()
         for state, value in capacity.items():
             self.metrics.workers.labels(state).set(value)
+
+    def _within_tenant_limit(self, fn: FunctionRecord, current: int, desired: int) -> int:
+        """Scale-ups stop at the tenant's max_replicas (a sleeping function may still wake to one replica)."""
+        if self.max_replicas_of is None or desired <= max(current, 1):
+            return desired
+        others = sum(self.backend.replicas(f) for f in self.registry.of_tenant(fn.tenant) if f.key != fn.key)
+        room = self.max_replicas_of(fn.tenant) - others
+        return max(current, min(desired, room), 1 if current or desired else 0)
 
     def forget(self, fn: FunctionRecord) -> None:
         self._states.pop(fn.key, None)

@@ -17,8 +17,16 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from functions.auth import INVOKE
-from functions.backends.base import Outgoing
-from functions.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, PlatformError, Unauthorized, Unavailable
+from functions.backends.base import Forwarded, Outgoing
+from functions.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    PlatformError,
+    Unauthorized,
+    Unavailable,
+)
 from functions.registry import DEPLOYING, READY, FunctionRecord
 from functions.store.models import utcnow
 from functions.usage import UsageEvent
@@ -92,6 +100,46 @@ async def infer(request: Request) -> Response:
         timeout_s=fn.config.timeout_s or settings.request_timeout_s,
     )
     request_id = uuid.uuid4().hex
+    limits = platform.limits_of(fn.tenant)
+    # Over the tenant's rate or concurrency: 429, not forwarded, not billed.
+    platform.admission.enter(fn.tenant)
+    try:
+        try:
+            await platform.fair.acquire(fn.tenant, limits.weight, outgoing.cold_start_timeout_s)
+        except TimeoutError:
+            raise Unavailable(
+                f"the platform is at capacity and function {fn.label} waited its turn for "
+                f"{outgoing.cold_start_timeout_s:g} s; retry later",
+                retry_after=2,
+            ) from None
+        try:
+            forwarded = await _forward(platform, fn, outgoing, request_id, started_at, start, len(body))
+        finally:
+            platform.fair.release()
+    finally:
+        platform.admission.leave(fn.tenant)
+    out_headers = {
+        **forwarded.headers,
+        "x-request-id": request_id,
+        "x-paddlefn-engine": forwarded.engine,
+        "x-paddlefn-device": forwarded.device,
+        "x-paddlefn-compute-ms": f"{forwarded.compute_ms:.3f}",
+    }
+    if forwarded.cold_start_s is not None:
+        out_headers["x-paddlefn-cold-start-ms"] = f"{forwarded.cold_start_s * 1000:.1f}"
+    return Response(forwarded.body, status_code=forwarded.status, headers=out_headers)
+
+
+async def _forward(
+    platform: Platform,
+    fn: FunctionRecord,
+    outgoing: Outgoing,
+    request_id: str,
+    started_at: Any,
+    start: float,
+    bytes_in: int,
+) -> Forwarded:
+    """Forward to a replica; whatever happens, the request is counted and its usage recorded before returning."""
     platform.activator.begin(fn)
     forwarded = None
     status = 500
@@ -105,17 +153,8 @@ async def infer(request: Request) -> Response:
         platform.activator.end(fn)
         fn.last_request_at = utcnow()
         seconds = time.perf_counter() - start
-        await _account(platform, fn, request_id, started_at, seconds, status, len(body), forwarded)
-    out_headers = {
-        **forwarded.headers,
-        "x-request-id": request_id,
-        "x-paddlefn-engine": forwarded.engine,
-        "x-paddlefn-device": forwarded.device,
-        "x-paddlefn-compute-ms": f"{forwarded.compute_ms:.3f}",
-    }
-    if forwarded.cold_start_s is not None:
-        out_headers["x-paddlefn-cold-start-ms"] = f"{forwarded.cold_start_s * 1000:.1f}"
-    return Response(forwarded.body, status_code=forwarded.status, headers=out_headers)
+        await _account(platform, fn, request_id, started_at, seconds, status, bytes_in, forwarded)
+    return forwarded
 
 
 async def _account(

@@ -24,15 +24,18 @@ from sqlalchemy.exc import IntegrityError
 
 from functions import archive
 from functions.activator import Activator
+from functions.admission import TenantAdmission
+from functions.audit import SYSTEM, AuditLog
 from functions.auth import ADMIN, ENV_ADMIN_ID, KeyRing, NewKey, Principal, hash_secret, new_key, parse_scopes
 from functions.autoscaler import Autoscaler
 from functions.backends.base import Backend
 from functions.billing.ledger import Ledger
-from functions.billing.plans import DEFAULT_PLAN, PlanBook
 from functions.billing.service import Billing
 from functions.deploy import DeployFailed, prepare_model
-from functions.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from functions.errors import BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized
+from functions.fairqueue import FairQueue
 from functions.metrics import Metrics
+from functions.plans import DEFAULT_PLAN, Limits, PlanBook
 from functions.registry import (
     DEPLOYING,
     FAILED,
@@ -80,16 +83,25 @@ class Platform:
             flush_interval_s=settings.usage_flush_interval_s,
         )
         self.usage: UsageSink = usage or self.ledger
+        self.plans = PlanBook(self.store)
+        self._limits: dict[str, Limits] = {}  # by tenant; cleared whenever a plan or a tenant's plan changes
+        self.admission = TenantAdmission(self.limits_of)
+        self.fair = FairQueue(settings.in_flight_capacity)
+        self.audit = AuditLog(self.store)
         self.billing = Billing(
-            self.ledger, PlanBook(self.store), self.plan_of, grace=timedelta(seconds=settings.invoice_grace_s)
+            self.ledger, self.plans, self.plan_of, grace=timedelta(seconds=settings.invoice_grace_s)
         )
         self.activator = Activator(
             max_pending_per_function=settings.max_pending_per_function,
             max_pending_per_tenant=settings.max_pending_per_tenant,
             pending_of=backend.pending,
         )
-        self.autoscaler = Autoscaler(self.registry, backend, self.activator, settings, self.metrics)
+        self.autoscaler = Autoscaler(
+            self.registry, backend, self.activator, settings, self.metrics,
+            max_replicas_of=lambda tenant: self.limits_of(tenant).max_replicas, audit=self.audit,
+        )  # fmt: skip
         self.backend.on_wake(self.activator.touch)
+        self.backend.on_wake(lambda fn: self.audit.record_soon(SYSTEM, fn.tenant, "function.wake", fn.name))
         self._deploys = asyncio.Semaphore(settings.max_concurrent_deploys)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.generated_admin_key: str | None = None  # set on a first start without PADDLEFN_ADMIN_KEY
@@ -114,6 +126,7 @@ class Platform:
         self._flush_last_used()
         await self.backend.close()
         await self.ledger.close()
+        await self.audit.drain()
         self.store.close()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -249,11 +262,74 @@ class Platform:
         return plan or DEFAULT_PLAN
 
     def set_plan(self, tenant: str, plan: str) -> None:
+        self.plans.get(plan)  # 404 for an unknown plan
         with self.store.session() as s:
             row = s.scalar(select(Tenant).where(Tenant.name == tenant))
             if row is None:
                 raise NotFound(f"tenant '{tenant}' not found")
             row.plan = plan
+        self._limits.clear()
+
+    def put_plan(self, name: str, raw: dict[str, Any]) -> Any:
+        plan = self.plans.put(name, raw)
+        self._limits.clear()
+        return plan
+
+    def limits_of(self, tenant: str) -> Limits:
+        """The tenant's quotas (cached: read on every request)."""
+        limits = self._limits.get(tenant)
+        if limits is None:
+            limits = self._limits[tenant] = self.plans.get(self.plan_of(tenant)).limits
+        return limits
+
+    def tenant_usage(self, tenant: str) -> dict[str, Any]:
+        """What the tenant uses of each limit, as shown beside its plan."""
+        functions = self.registry.of_tenant(tenant)
+        return {
+            "functions": len(functions),
+            "replicas": sum(self.backend.replicas(f) for f in functions),
+            "concurrent_requests": self.admission.in_flight(tenant),
+            "storage_bytes": _folder_bytes(self.settings.data_dir / "tenants" / tenant),
+        }
+
+    def check_upload_size(self, tenant: str, size: int) -> None:
+        limits = self.limits_of(tenant)
+        if size > limits.max_model_bytes:
+            raise PayloadTooLarge(
+                f"the model upload is {size} bytes; tenant '{tenant}' may upload at most "
+                f"{limits.max_model_bytes} (max_model_bytes of its plan)"
+            )
+
+    def _check_function_quota(self, tenant: str, config: FunctionConfig) -> None:
+        limits = self.limits_of(tenant)
+        count = len(self.registry.of_tenant(tenant))
+        if count >= limits.max_functions:
+            raise Forbidden(
+                f"tenant '{tenant}' has {count} functions, its plan's limit (max_functions={limits.max_functions}); "
+                "delete one or ask for a bigger plan"
+            )
+        self._check_device(tenant, config)
+
+    def _check_device(self, tenant: str, config: FunctionConfig) -> None:
+        if config.device == "gpu" and not self.limits_of(tenant).gpu_allowed:
+            raise Forbidden(
+                f"tenant '{tenant}' is on a plan without GPUs (gpu_allowed=false); use device cpu or auto"
+            )
+
+    def _device_for(self, fn: FunctionRecord) -> str:
+        if fn.config.device == "auto" and not self.limits_of(fn.tenant).gpu_allowed:
+            return "cpu"
+        return fn.config.device
+
+    def _check_storage(self, tenant: str, artifact_dir: Path) -> None:
+        limits = self.limits_of(tenant)
+        used = _folder_bytes(self.settings.data_dir / "tenants" / tenant)
+        if used > limits.max_storage_bytes:
+            shutil.rmtree(artifact_dir.parent, ignore_errors=True)
+            raise PayloadTooLarge(
+                f"with this model tenant '{tenant}' would store {used} bytes of models, over its plan's "
+                f"max_storage_bytes={limits.max_storage_bytes}; delete a function first"
+            )
 
     def list_tenants(self) -> list[Tenant]:
         with self.store.session() as s:
@@ -326,6 +402,7 @@ class Platform:
         problem = check_name("function", name)
         if problem:
             raise BadRequest(problem)
+        self._check_function_quota(tenant, config)
         if self.registry.get(tenant, name) is not None:
             raise Conflict(
                 f"function '{name}' already exists in tenant '{tenant}'; delete it first or pick a name"
@@ -337,6 +414,7 @@ class Platform:
         try:
             await asyncio.to_thread(archive.unpack, upload, artifact_dir / "model", limits)
             find_model(artifact_dir / "model")
+            self._check_storage(tenant, artifact_dir)
         except ModelFormatError as exc:
             shutil.rmtree(artifact_dir.parent, ignore_errors=True)
             raise BadRequest(str(exc)) from None
@@ -364,7 +442,7 @@ class Platform:
                     self.settings,
                     record.artifact_dir / "model",
                     record.serving_dir,
-                    device=record.config.device,
+                    device=self._device_for(record),
                     batching=record.config.batching is not None,
                 )
         except DeployFailed as exc:
@@ -391,6 +469,8 @@ class Platform:
             )  # fmt: skip
         updated = dataclasses.replace(current, status=status, error=error, manifest=manifest, updated_at=now)
         self.registry.put(updated)
+        self.audit.record(SYSTEM, record.tenant, "function.deploy", record.name,
+                          "ok" if manifest else "failed", error or "")  # fmt: skip
         if manifest is None:
             log.info("deploy of %s failed: %s", record.label, error)
             shutil.rmtree(record.serving_dir, ignore_errors=True)
@@ -402,6 +482,7 @@ class Platform:
     async def update_function(self, fn: FunctionRecord, patch: dict[str, Any]) -> FunctionRecord:
         merged = {**fn.config.model_dump(), **patch}
         config = self.parse_config(merged)
+        self._check_device(fn.tenant, config)
         if config.batching and fn.manifest and not fn.manifest.spec.batchable:
             raise BadRequest(
                 "batching needs a free first (batch) dimension on every input and output of the model"
@@ -459,6 +540,10 @@ class Platform:
             view["notes"] = fn.manifest.notes
             view["device"] = fn.manifest.device
         return view
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _state(fn: FunctionRecord, replicas: int) -> str:

@@ -65,6 +65,10 @@ class Settings:
     worker_memory_mb: int = 0
     """Address-space limit per worker in MiB (0: none); a model over it fails alone, with a clear error."""
 
+    max_in_flight: int = 0
+    """Requests forwarded to replicas at once across all tenants; beyond it they wait in a weighted fair queue
+    (each tenant's share in proportion to its plan's weight). 0 means 4 per worker slot."""
+
     cold_start_timeout_s: float = 60.0
     """Default time a request waits for a sleeping function to wake before a 504."""
     request_timeout_s: float = 60.0
@@ -98,6 +102,10 @@ class Settings:
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Settings of optional parts (e.g. the Kubernetes backend), by name."""
+
+    @property
+    def in_flight_capacity(self) -> int:
+        return self.max_in_flight or 4 * self.worker_limit
 
     @property
     def base_url(self) -> str:

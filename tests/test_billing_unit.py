@@ -13,7 +13,7 @@ import pytest
 
 from functions.billing import invoices
 from functions.billing.ledger import Ledger
-from functions.billing.plans import PlanBook
+from functions.plans import PlanBook
 from functions.billing.pricing import Prices, billed_ms, compute_charge, divide_half_up, format_money, request_charge
 from functions.billing.service import Billing
 from functions.store import Store
@@ -125,7 +125,7 @@ def test_known_traffic_gives_exact_counts_and_amounts(store, tmp_path):
 
 
 def test_the_free_allowance_never_takes_a_total_below_zero_and_applies_once(store, tmp_path):
-    PlanBook(store).put("default", {"free_micros_per_month": 5000})
+    PlanBook(store).put("default", {"prices": {"free_micros_per_month": 5000}})
 
     async def scenario():
         ledger, billing = await started(store, tmp_path / "usage", Clock(NOV_2))

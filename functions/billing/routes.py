@@ -1,4 +1,4 @@
-"""Billing endpoints: usage, invoices (JSON and CSV) and plans (prices)."""
+"""Billing endpoints: usage, invoices (JSON and CSV) and plans (prices and limits)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class PlanIn(BaseModel):
 @router.get("/plans")
 def list_plans(platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
     platform.require_admin(principal)
-    return {"plans": {name: prices.model_dump() for name, prices in platform.billing.plans.all().items()}}
+    return {"plans": {name: plan.model_dump() for name, plan in platform.plans.all().items()}}
 
 
 @router.put("/plans/{name}")
@@ -79,12 +79,13 @@ def put_plan(
     name: str, body: dict[str, Any], platform: PlatformDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     platform.require_admin(principal)
-    return {"name": name, "prices": platform.billing.plans.put(name, body).model_dump()}
+    with platform.audit.change(principal.key_id if principal else "", None, "plan.put", name):
+        return {"name": name, **platform.put_plan(name, body).model_dump()}
 
 
 @router.put("/tenants/{tenant}/plan")
 def set_plan(tenant: str, body: PlanIn, platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
     platform.require_admin(principal)
-    platform.billing.plans.prices(body.plan)  # 404 for an unknown plan
-    platform.set_plan(tenant, body.plan)
+    with platform.audit.change(principal.key_id if principal else "", tenant, "tenant.plan", body.plan):
+        platform.set_plan(tenant, body.plan)
     return {"tenant": tenant, "plan": body.plan}

@@ -8,7 +8,7 @@ from typing import Any
 
 from functions.billing import invoices
 from functions.billing.ledger import Ledger, period_of
-from functions.billing.plans import PlanBook
+from functions.plans import PlanBook
 from functions.errors import BadRequest
 from functions.store.models import utcnow
 

@@ -118,6 +118,7 @@ class Plan(Base):
 
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     prices: Mapped[dict[str, Any]] = mapped_column(default=dict)  # functions.billing.pricing.Prices
+    limits: Mapped[dict[str, Any]] = mapped_column(default=dict)  # functions.plans.Limits
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -130,3 +131,19 @@ class Invoice(Base):
     period: Mapped[str] = mapped_column(String(7), primary_key=True)
     document: Mapped[dict[str, Any]] = mapped_column()
     closed_at: Mapped[datetime] = mapped_column()
+
+
+class AuditEntry(Base):
+    """One change to the platform: who (key id), what (action, target), to which tenant, and how it ended."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_tenant_at", "tenant", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column()
+    actor: Mapped[str] = mapped_column(String(32))  # key id, or "system" for the platform's own policy
+    tenant: Mapped[str | None] = mapped_column(String(63))
+    action: Mapped[str] = mapped_column(String(40))  # e.g. function.create, key.revoke, function.sleep
+    target: Mapped[str] = mapped_column(String(200), default="")
+    outcome: Mapped[str] = mapped_column(String(16))  # ok | failed | refused
+    detail: Mapped[str] = mapped_column(Text, default="")
