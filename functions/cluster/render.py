@@ -176,7 +176,8 @@ def _labels(fn: FunctionSpec, variant: str) -> dict[str, str]:
 
 def _container(fn: FunctionSpec, config: ClusterConfig, variant: str) -> Obj:
     gpu = variant == "gpu"
-    model_dir = f"{MODELS_MOUNT}/{fn.name}/{fn.version}/serving"
+    # The tenant's volume is the control plane's data_dir/tenants/{tenant} (shared RWX storage, docs/cluster.md).
+    model_dir = f"{MODELS_MOUNT}/functions/{fn.name}/{fn.version}/serving"
     args = ["--port", str(PORT), "--model-dir", model_dir, "--model-name", fn.name,
             "--device", "gpu" if gpu else "cpu", "--engine", "paddle" if gpu else "lite"]  # fmt: skip
     if fn.max_batch_size:
