@@ -105,7 +105,7 @@ class UsageMiddleware:
         self.app, self.spool, self.bundle_id, self.model = app, spool, bundle_id, model
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].endswith("/infer"):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/infer"):
             await self.app(scope, receive, send)
             return
         request_id = uuid.uuid4().hex

@@ -162,11 +162,13 @@ class PaddleLiteEngine:
         self.spec = manifest.spec
         self._host = LiteHost(Path(model_dir) / str(lite["nb"]), python=python)
         self.lite_version = str(self._host.info.get("lite_version", ""))
-        if len(self._host.info.get("outputs", [])) != len(self.spec.outputs):
-            got = self._host.info.get("outputs")
+        inputs, outputs = self._host.info.get("inputs", []), self._host.info.get("outputs", [])
+        declared = [t.name for t in self.spec.inputs]
+        if sorted(inputs) != sorted(declared) or len(outputs) != len(self.spec.outputs):
             self.close()
             raise LiteUnavailable(
-                f"the .nb has outputs {got}, the manifest declares {len(self.spec.outputs)}"
+                f"the .nb takes {inputs} and gives {len(outputs)} outputs; the manifest declares {declared} "
+                f"and {len(self.spec.outputs)} outputs: deploy the model again"
             )
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

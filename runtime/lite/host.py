@@ -29,6 +29,8 @@ MAX_JSON = 16 * 1024 * 1024
 
 
 def die_with_parent():
+    # The signal follows the *thread* that started us: engines start hosts from the worker's single, long-lived
+    # engine thread, which ends only when the worker does. stdin EOF covers every orderly exit.
     try:
         import ctypes
 
