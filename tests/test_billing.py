@@ -39,7 +39,10 @@ def test_known_traffic_is_billed_exactly_and_reconciles_with_the_metrics(platfor
         compute_us.append(round(float(r.headers["x-paddlefn-compute-ms"]) * 1000))
     wrong = oip_body({"x": np.zeros((1, 3), np.float32)})
     assert acme.http.post("/t/acme/v2/models/classify/infer", json=wrong).status_code == 400  # reached it
-    assert httpx.post(f"{platform.url}/t/acme/v2/models/classify/infer", json=oip_body(inputs)).status_code == 401
+    assert (
+        httpx.post(f"{platform.url}/t/acme/v2/models/classify/infer", json=oip_body(inputs)).status_code
+        == 401
+    )
 
     usage = acme.http.get("/v1/tenants/acme/usage", params={"group_by": "function"}).json()
     assert usage["rows"] == [{
@@ -64,10 +67,14 @@ def test_known_traffic_is_billed_exactly_and_reconciles_with_the_metrics(platfor
 
     env = {"PADDLEFN_URL": platform.url, "PADDLEFN_KEY": acme.key, "PATH": "/usr/bin:/bin"}
     cli = [sys.executable, "-m", "functions.cli"]
-    shown = subprocess.run([*cli, "invoice", "acme", this_month(), "--json"], env=env, capture_output=True, text=True)
+    shown = subprocess.run(
+        [*cli, "invoice", "acme", this_month(), "--json"], env=env, capture_output=True, text=True
+    )
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout) == invoice
-    as_csv = subprocess.run([*cli, "invoice", "acme", this_month(), "--csv"], env=env, capture_output=True, text=True)
+    as_csv = subprocess.run(
+        [*cli, "invoice", "acme", this_month(), "--csv"], env=env, capture_output=True, text=True
+    )
     assert as_csv.stdout.splitlines()[1].startswith(f"acme,{this_month()},classify,cpu,20,")
 
 
@@ -98,7 +105,9 @@ def test_a_platform_killed_under_load_bills_every_answered_request_once(platform
 
     def client() -> None:
         nonlocal failed
-        with httpx.Client(base_url=p.url, headers={"authorization": f"Bearer {acme.key}"}, timeout=30) as http:
+        with httpx.Client(
+            base_url=p.url, headers={"authorization": f"Bearer {acme.key}"}, timeout=30
+        ) as http:
             while not stop.is_set():
                 try:
                     r = http.post("/t/acme/v2/models/classify/infer", json=body)

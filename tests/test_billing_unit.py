@@ -14,7 +14,14 @@ import pytest
 from functions.billing import invoices
 from functions.billing.ledger import Ledger
 from functions.plans import PlanBook
-from functions.billing.pricing import Prices, billed_ms, compute_charge, divide_half_up, format_money, request_charge
+from functions.billing.pricing import (
+    Prices,
+    billed_ms,
+    compute_charge,
+    divide_half_up,
+    format_money,
+    request_charge,
+)
 from functions.billing.service import Billing
 from functions.store import Store
 from functions.usage import UsageEvent
@@ -82,7 +89,10 @@ def test_bad_prices_are_refused_with_the_field_named():
 
 
 def test_periods_are_calendar_months_in_utc():
-    assert invoices.parse_period("2026-12") == (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    assert invoices.parse_period("2026-12") == (
+        datetime(2026, 12, 1, tzinfo=UTC),
+        datetime(2027, 1, 1, tzinfo=UTC),
+    )
     for bad in ("2026-13", "2026-1", "26-11", "november"):
         with pytest.raises(ValueError, match="YYYY-MM"):
             invoices.parse_period(bad)
@@ -169,7 +179,9 @@ def test_month_boundaries_are_exact_to_the_microsecond(store, tmp_path):
     last_moment = datetime(2026, 10, 31, 23, 59, 59, 999999, tzinfo=UTC)
 
     async def scenario():
-        ledger, billing = await started(store, tmp_path / "usage", Clock(datetime(2026, 11, 1, 0, 30, tzinfo=UTC)))
+        ledger, billing = await started(
+            store, tmp_path / "usage", Clock(datetime(2026, 11, 1, 0, 30, tzinfo=UTC))
+        )
         await ledger.record(event("october", at=last_moment))
         await ledger.record(event("november", at=last_moment + timedelta(microseconds=1)))
         october = await billing.invoice("acme", "2026-10")
@@ -245,5 +257,16 @@ def test_invoice_csv_has_exact_decimal_amounts(store, tmp_path):
 
     rows = list(csv.reader(io.StringIO(invoices.to_csv(run(scenario())))))
     assert rows[0][:4] == ["tenant", "period", "function", "device"]
-    assert rows[1] == ["acme", "2026-11", "classify", "gpu", "3", "3000", "0.000001", "0.001800", "0.001801", "USD"]
+    assert rows[1] == [
+        "acme",
+        "2026-11",
+        "classify",
+        "gpu",
+        "3",
+        "3000",
+        "0.000001",
+        "0.001800",
+        "0.001801",
+        "USD",
+    ]
     assert rows[-1][2] == "total" and rows[-1][8] == "0.000000"

@@ -120,7 +120,9 @@ def test_patch_changes_config_and_delete_removes_the_function_and_its_artifacts(
     inputs, expected = example(models["mlp"])
     r = acme.http.post("/t/acme/v2/models/classify/infer", json=oip_body(inputs))
     assert r.status_code == 200
-    np.testing.assert_allclose(outputs_of(r.json())["softmax_0.tmp_0"], expected["softmax_0.tmp_0"], rtol=1e-5)
+    np.testing.assert_allclose(
+        outputs_of(r.json())["softmax_0.tmp_0"], expected["softmax_0.tmp_0"], rtol=1e-5
+    )
 
     assert acme.http.delete("/v1/tenants/acme/functions/classify").status_code == 204
     assert acme.http.get("/v1/tenants/acme/functions/classify").status_code == 404

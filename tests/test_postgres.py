@@ -45,8 +45,19 @@ def postgres_url() -> Iterator[str]:
                                       "--auth=trust", "-E", "UTF8"]), check=True, capture_output=True)  # fmt: skip
     port = free_port()
     server = subprocess.Popen(
-        _as_postgres_user([str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sockets),
-                           "-c", "listen_addresses=127.0.0.1"]),  # fmt: skip
+        _as_postgres_user(
+            [
+                str(bin_dir / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(port),
+                "-k",
+                str(sockets),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ]
+        ),  # fmt: skip
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -55,13 +66,17 @@ def postgres_url() -> Iterator[str]:
 
         def accepting() -> bool:
             try:
-                psycopg.connect(f"host=127.0.0.1 port={port} user=paddlefn dbname=postgres", connect_timeout=1).close()
+                psycopg.connect(
+                    f"host=127.0.0.1 port={port} user=paddlefn dbname=postgres", connect_timeout=1
+                ).close()
                 return True
             except psycopg.OperationalError:
                 return False
 
         wait_for(accepting, timeout=30, what="PostgreSQL to accept connections")
-        with psycopg.connect(f"host=127.0.0.1 port={port} user=paddlefn dbname=postgres", autocommit=True) as c:
+        with psycopg.connect(
+            f"host=127.0.0.1 port={port} user=paddlefn dbname=postgres", autocommit=True
+        ) as c:
             c.execute("CREATE DATABASE paddlefn")
         yield f"postgresql+psycopg://paddlefn@127.0.0.1:{port}/paddlefn"
     finally:
@@ -71,7 +86,9 @@ def postgres_url() -> Iterator[str]:
 
 
 def test_state_lives_in_postgresql_and_survives_a_restart(platform_factory, postgres_url, models, tmp_path):
-    first = platform_factory("--pool-size", "1", data_dir=tmp_path / "state", PADDLEFN_DATABASE_URL=postgres_url)
+    first = platform_factory(
+        "--pool-size", "1", data_dir=tmp_path / "state", PADDLEFN_DATABASE_URL=postgres_url
+    )
     acme = make_tenant(first, "acme")
     deploy(acme, "classify", models["mlp"])
     first.stop()
@@ -84,9 +101,13 @@ def test_state_lives_in_postgresql_and_survives_a_restart(platform_factory, post
         assert names == [("classify", "ready")]
         assert c.execute("SELECT version_num FROM alembic_version").fetchone() is not None
 
-    second = platform_factory("--pool-size", "1", data_dir=tmp_path / "state", PADDLEFN_DATABASE_URL=postgres_url)
+    second = platform_factory(
+        "--pool-size", "1", data_dir=tmp_path / "state", PADDLEFN_DATABASE_URL=postgres_url
+    )
     http = second.client(acme.key)
     inputs, expected = example(models["mlp"])
     r = http.post("/t/acme/v2/models/classify/infer", json=oip_body(inputs))
     assert r.status_code == 200, r.text
-    np.testing.assert_allclose(outputs_of(r.json())["softmax_0.tmp_0"], expected["softmax_0.tmp_0"], rtol=1e-5)
+    np.testing.assert_allclose(
+        outputs_of(r.json())["softmax_0.tmp_0"], expected["softmax_0.tmp_0"], rtol=1e-5
+    )
