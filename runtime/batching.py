@@ -27,6 +27,7 @@ class _Pending:
     rows: int
     signature: Signature
     future: asyncio.Future[tuple[dict[str, np.ndarray], float]]
+    arrived: float  # time.monotonic() when the request was queued
 
 
 class DynamicBatcher:
@@ -43,7 +44,7 @@ class DynamicBatcher:
         rows = int(next(iter(inputs.values())).shape[0])
         signature = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
         future: asyncio.Future[tuple[dict[str, np.ndarray], float]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(inputs, rows, signature, future))
+        await self._queue.put(_Pending(inputs, rows, signature, future, time.monotonic()))
         return await future
 
     async def run(self) -> None:
@@ -55,7 +56,9 @@ class DynamicBatcher:
     async def _collect(self) -> list[_Pending]:
         first = self._held.popleft() if self._held else await self._queue.get()
         batch, rows = [first], first.rows
-        deadline = time.monotonic() + self.max_queue_delay_s
+        # The delay counts from the first request's arrival: one that waited while the previous batch ran
+        # does not wait a whole delay again.
+        deadline = first.arrived + self.max_queue_delay_s
         while rows < self.max_batch_size:
             item = self._next_nowait()
             if item is None:

@@ -5,8 +5,9 @@ KEDA asks two questions per ScaledObject: *is it active?* (0 <-> 1, answered her
 from plain data, with time passed in as ``now`` so every rule is testable with a fake clock.
 
 - A sample carries sums over all gateway replicas: requests in flight (waiting included), waiting, and the
-  request counter. A counter that moved since the previous sample means a request arrived in between, even
-  when none was in flight at the scrape: that is how "last request" is known without one query per function.
+  request counter. A counter that moved since the previous sample means requests arrived in between, even
+  when none was in flight at the scrape: it counts as demand, and that is how "last request" is known
+  without one query per function.
 - A wake signal (a request found its function asleep) counts as a request and turns the function active at
   once; watchers (``StreamIsActive`` streams) hear about every change of activity without waiting for a tick.
 - Who waits for the idle timeout: by default KEDA (``cooldownPeriod`` carries it) and the scaler reports
@@ -76,7 +77,9 @@ class Board:
             entry.load = Load(
                 in_flight=math.ceil(serving),
                 pending=math.ceil(waiting),
-                peak=math.ceil(serving + waiting),
+                # Requests answered since the last tick are demand too: something served them, and KEDA must
+                # not let its cooldown run out under traffic that is too quick to be seen in flight.
+                peak=max(math.ceil(serving + waiting), 1 if moved else 0),
                 seconds_since_request=None if entry.last_request_at is None else now - entry.last_request_at,
             )
         for key, entry in self._entries.items():

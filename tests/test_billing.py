@@ -45,8 +45,9 @@ def test_known_traffic_is_billed_exactly_and_reconciles_with_the_metrics(platfor
     )
 
     usage = acme.http.get("/v1/tenants/acme/usage", params={"group_by": "function"}).json()
+    # no cold start: a deploy leaves its function warm
     assert usage["rows"] == [{
-        "function": "classify", "requests": 21, "billable_requests": 20, "errors": 1, "cold_starts": 0,  # deploy leaves it warm
+        "function": "classify", "requests": 21, "billable_requests": 20, "errors": 1, "cold_starts": 0,
         "compute_ms": usage["rows"][0]["compute_ms"], "billed_ms": sum(math.ceil(us / 1000) for us in compute_us),
         "bytes_in": usage["rows"][0]["bytes_in"], "bytes_out": usage["rows"][0]["bytes_out"],
     }]  # fmt: skip

@@ -13,7 +13,6 @@ import pytest
 
 from functions.billing import invoices
 from functions.billing.ledger import Ledger
-from functions.plans import PlanBook
 from functions.billing.pricing import (
     Prices,
     billed_ms,
@@ -23,6 +22,7 @@ from functions.billing.pricing import (
     request_charge,
 )
 from functions.billing.service import Billing
+from functions.plans import PlanBook
 from functions.store import Store
 from functions.usage import UsageEvent
 

@@ -57,7 +57,7 @@ def postgres_url() -> Iterator[str]:
                 "-c",
                 "listen_addresses=127.0.0.1",
             ]
-        ),  # fmt: skip
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

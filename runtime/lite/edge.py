@@ -179,13 +179,18 @@ def upload_once(
 def _uploader(
     stop: threading.Event, spool: UsageSpool, url: str, key: str, bundle_id: str, every_s: float
 ) -> None:
-    """Keeps trying while the server runs: the edge may be offline for days; nothing is dropped meanwhile."""
-    while not stop.wait(every_s):
+    """Keeps trying while the server runs (the edge may be offline for days; nothing is dropped meanwhile),
+    and once more, briefly, when the server stops."""
+    while True:
+        stopping = stop.wait(every_s)
         try:
             if spool.unsent():
-                log.info("uploaded %d usage records", upload_once(spool, url, key, bundle_id))
-        except Exception as exc:  # offline, DNS, TLS...: try again next round
+                sent = upload_once(spool, url, key, bundle_id, timeout_s=5.0 if stopping else 30.0)
+                log.info("uploaded %d usage records", sent)
+        except Exception as exc:  # offline, DNS, TLS...: try again next round (or next start)
             log.info("usage upload failed, will retry: %s", exc)
+        if stopping:
+            return
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -214,14 +219,19 @@ def serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     url = args.platform or opened.meta.get("platform_url")
     stop = threading.Event()
+    uploader = threading.Thread(
+        target=_uploader,
+        args=(stop, spool, url, opened.device_key, opened.bundle_id, args.upload_interval),
+        daemon=True,
+        name="usage-uploader",
+    )
 
     async def run() -> None:
         await worker.load(name, LoadOptions(model_dir=opened.folder, engine="lite"))
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(worker.executor, _golden_check, worker.get(name).engine, opened.folder)
         if url:
-            uploader = (stop, spool, url, opened.device_key, opened.bundle_id, args.upload_interval)
-            threading.Thread(target=_uploader, args=uploader, daemon=True, name="usage-uploader").start()
+            uploader.start()
         # Bind only once the model is proven: a listening port means ready.
         sock = _bind(argparse.Namespace(uds=None, host=args.host, port=args.port))
         log.info("serving %s (bundle %s) on port %s", name, opened.bundle_id, args.port)
@@ -236,6 +246,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     finally:
         stop.set()
+        if uploader.is_alive():
+            uploader.join(15)  # the last attempt is bounded by its own 5 s timeouts
     return 0
 
 

@@ -51,6 +51,16 @@ def test_a_moving_counter_counts_as_a_request_even_with_nothing_in_flight_at_the
     assert not b.is_active(FN)
 
 
+def test_requests_served_between_two_scrapes_make_an_inactive_function_active() -> None:
+    # KEDA's cooldown may still be running with replicas up: traffic must keep them, even unseen in flight.
+    b = board(idle_timeout_s=10.0)
+    b.observe({FN: Sample(requests=3)}, now=0.0)
+    b.observe({FN: Sample(requests=3)}, now=20.0)
+    assert not b.is_active(FN)
+    b.observe({FN: Sample(requests=4)}, now=21.0)
+    assert b.is_active(FN)
+
+
 def test_without_its_own_idle_timeout_the_scaler_reports_activity_within_the_window() -> None:
     # The default: KEDA's cooldownPeriod carries the idle timeout, the scaler only says "traffic lately".
     b = board(idle_timeout_s=0.0, window=2.0)

@@ -10,14 +10,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import httpx
+import pytest
 
 from scaler.prometheus import PrometheusSource
 from scaler.proto import externalscaler_pb2 as pb
 from scaler.proto import externalscaler_pb2_grpc as pb_grpc
 from tests.cluster.conftest import MetricsEndpoint, PrometheusProcess, ScalerThread, wait_until
+from tests.conftest import ADMIN_KEY, PlatformProcess, deploy, example, make_tenant, oip_body
 
 IDLE_TIMEOUT_S = 2.0
 
@@ -101,3 +104,35 @@ def _read(stream: object, answers: list[bool]) -> None:
             answers.append(answer.result)
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.CANCELLED
+
+
+@pytest.mark.slow
+def test_a_real_gateways_requests_reach_keda_through_prometheus(
+    platform_factory: Callable[..., PlatformProcess],
+    models: dict[str, Path],
+    prometheus_factory: Callable[..., PrometheusProcess],
+    scaler_factory: Callable[..., ScalerThread],
+) -> None:
+    """The same path with `paddlefn up` itself: its /metrics (admin key as Bearer) scraped by Prometheus."""
+    platform = platform_factory("--idle-timeout", "60s", "--pool-size", "1")
+    tenant = make_tenant(platform, "acme")
+    assert deploy(tenant, "mlp", models["mlp"])["status"] == "ready"
+    job = {
+        "job_name": "gateway",
+        "authorization": {"type": "Bearer", "credentials": ADMIN_KEY},
+        "static_configs": [{"targets": [f"127.0.0.1:{platform.port}"]}],
+    }
+    prom = prometheus_factory([job])
+    scaler = scaler_factory(PrometheusSource(prom.url, selector='job="gateway"'), activity_window_s=0.5)
+    with grpc.insecure_channel(scaler.grpc_target) as channel:
+        keda = pb_grpc.ExternalScalerStub(channel)
+        inputs, _ = example(models["mlp"])
+        # The gateway's counter has to exist before it can move: one request, scraped, then the one that counts.
+        assert tenant.http.post("/t/acme/v2/models/mlp/infer", json=oip_body(inputs)).status_code == 200
+        wait_until(
+            lambda: ("acme", "mlp") in set(scaler.service.board.keys()), 15, "the series in Prometheus"
+        )
+        wait_until(lambda: not keda.IsActive(ref("mlp")).result, 15, "the function to go idle")
+        assert tenant.http.post("/t/acme/v2/models/mlp/infer", json=oip_body(inputs)).status_code == 200
+        wait_until(lambda: keda.IsActive(ref("mlp")).result, 15, "the request to make the function active")
+        wait_until(lambda: not keda.IsActive(ref("mlp")).result, 15, "the idle timeout to make it inactive")
