@@ -255,3 +255,19 @@ def test_arm_export_converts_again_and_an_x86_machine_refuses_it(prepared_mlp, t
         open_bundle(tmp_path / "arm.tar.gz", tmp_path / "open")
     opened = open_bundle(tmp_path / "arm.tar.gz", tmp_path / "open", check_target=False)
     assert json.loads((opened.folder / "manifest.json").read_text())["lite"]["target"] == "arm"
+
+
+def test_usage_is_uploaded_once_more_when_the_edge_server_stops(bundle, models, tmp_path):
+    fake = FakePlatform([])
+    try:
+        port = free_port()
+        inputs, _ = example(models["mlp"])
+        upload = ("--platform", fake.url, "--upload-interval", "3600")  # no periodic upload in this test
+        with edge_serve(bundle, tmp_path / "data", port, tmp_path / "edge.log", *upload):
+            r = httpx.post(f"http://127.0.0.1:{port}/v2/models/mlp/infer", json=oip_body(inputs), timeout=30)
+            assert r.status_code == 200
+            assert fake.billed == {}
+        # process() stopped it with SIGTERM: the server's last act was an upload.
+        assert list(fake.billed) == [r.headers["x-paddlefn-request-id"]]
+    finally:
+        fake.close()

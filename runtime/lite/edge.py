@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -237,6 +238,9 @@ def serve(args: argparse.Namespace) -> int:
         log.info("serving %s (bundle %s) on port %s", name, opened.bundle_id, args.port)
         await server.serve(sockets=[sock])
 
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler that would end the
+    # process before the last usage upload below. A no-op handler lets serve() return normally instead.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         asyncio.run(run())
     except KeyboardInterrupt:
