@@ -159,6 +159,9 @@ def test_usage_is_marked_sent_only_on_2xx_and_retries_are_idempotent(tmp_path):
         assert upload_once(spool, fake.url, DEVICE_KEY, "b") == 0
         assert len(fake.posts) == 2  # nothing left to send: no third request
         assert sorted(fake.billed) == ["r0", "r1", "r2"]
+        # After a restart, a new record is not glued to the torn line.
+        UsageSpool(tmp_path).record({"request_id": "r3", "status": 200})
+        assert [r["request_id"] for r in UsageSpool(tmp_path).unsent()] == ["r3"]
     finally:
         fake.close()
 

@@ -61,12 +61,25 @@ class UsageSpool:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        for name in (USAGE, SENT):
+            self._end_torn_line(folder / name)
+
+    def _end_torn_line(self, path: Path) -> None:
+        """A crash mid-write leaves a last line without its newline; end it, or the next record would be
+        glued to it and lost with it."""
+        if path.exists() and path.stat().st_size:
+            with path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:
+                self._append(path.name, [])
 
     def record(self, rec: dict[str, Any]) -> None:
         self._append(USAGE, [rec])
 
     def mark_sent(self, request_ids: list[str]) -> None:
-        self._append(SENT, [{"request_id": r} for r in request_ids])
+        if request_ids:
+            self._append(SENT, [{"request_id": r} for r in request_ids])
 
     def records(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.folder / USAGE)
@@ -76,7 +89,8 @@ class UsageSpool:
         return [r for r in self.records() if r.get("request_id") not in sent]
 
     def _append(self, name: str, rows: list[dict[str, Any]]) -> None:
-        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows).encode()
+        # No rows: just a newline (see _end_torn_line).
+        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows).encode() or b"\n"
         with self._lock:
             fd = os.open(self.folder / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
