@@ -4,6 +4,7 @@ and the Lite engine over real HTTP next to Paddle Inference."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -190,6 +191,24 @@ def test_lite_host_answers_bad_requests_and_survives_a_crash(prepared):
         proc = host.proc
         host.close()
     assert proc is not None and proc.returncode == 0  # closing its stdin ends the host by itself
+
+
+def test_a_hung_lite_host_is_cut_off_and_replaced(prepared):
+    from runtime.engine import EngineError
+
+    _, folder, manifest = prepared["mlp"]
+    host = LiteHost(folder / manifest["lite"]["nb"], infer_timeout_s=0.5)
+    try:
+        assert host.proc is not None
+        hung = host.proc
+        os.kill(hung.pid, signal.SIGSTOP)  # stands in for a Lite call that never returns
+        with pytest.raises(EngineError, match=r"did not answer within 0\.5 s"):
+            host.infer({"x": np.ones((1, 16), np.float32)})
+        assert hung.returncode == -signal.SIGKILL
+        outputs, _ = host.infer({"x": np.ones((1, 16), np.float32)})
+        assert outputs[0].shape == (1, 4)
+    finally:
+        host.close()
 
 
 def test_engine_refuses_a_model_without_lite(models, tmp_path):

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -58,7 +59,10 @@ class LiteHost:
             stdout=subprocess.PIPE,
             env={"GLOG_minloglevel": "2", **os.environ},  # quiet glog unless asked
         )
-        header, _ = self._read(START_TIMEOUT_S)
+        try:
+            header, _ = self._read(START_TIMEOUT_S)
+        except EngineError as exc:  # died or hung while loading: Lite cannot serve this .nb here
+            raise LiteUnavailable(f"the Paddle Lite host did not start: {exc}") from None
         if not header.get("ok"):
             self._stop()
             raise LiteUnavailable(str(header.get("error", "the Lite host did not start")))
@@ -115,7 +119,7 @@ class LiteHost:
         while n:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:
-                self._stop()  # a hung host would block every later request: end it
+                self._stop(kill=True)  # a hung host would block every later request: end it now
                 raise EngineError(f"Paddle Lite did not answer within {timeout_s:g} s")
             chunk = os.read(fd, n)
             if not chunk:
@@ -130,13 +134,18 @@ class LiteHost:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 code = self.proc.wait(5)
         self._stop()
-        how = f"signal {-code}" if code is not None and code < 0 else f"status {code}"
+        how = f"status {code}"
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):
+                how = signal.Signals(-code).name  # e.g. SIGSEGV: Lite crashed
         return f"the Paddle Lite host exited ({how}) {when}; the next request starts a new one"
 
-    def _stop(self) -> None:
+    def _stop(self, *, kill: bool = False) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
             return
+        if kill:
+            proc.kill()
         for stream in (proc.stdin, proc.stdout):
             with contextlib.suppress(OSError):
                 if stream:
