@@ -274,3 +274,20 @@ def test_usage_is_uploaded_once_more_when_the_edge_server_stops(bundle, models, 
         assert list(fake.billed) == [r.headers["x-paddlefn-request-id"]]
     finally:
         fake.close()
+
+
+def test_export_refuses_a_model_without_lite_and_unsafe_ids(prepared_mlp, tmp_path):
+    import shutil
+
+    from runtime.spec import Manifest
+
+    folder = tmp_path / "no-lite"
+    shutil.copytree(prepared_mlp, folder)
+    manifest = Manifest.load(folder)
+    manifest.lite = {"available": False, "reason": "Paddle Lite reads only the legacy program format"}
+    manifest.save(folder)
+    with pytest.raises(BundleError, match="no Paddle Lite version: Paddle Lite reads only the legacy"):
+        export_bundle(folder, tmp_path / "b.tar.gz", device_key=DEVICE_KEY)
+    with pytest.raises(BundleError, match="bundle id"):
+        export_bundle(prepared_mlp, tmp_path / "b.tar.gz", device_key=DEVICE_KEY, bundle_id="../../etc")
+    assert not (tmp_path / "b.tar.gz").exists()

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import platform
+import re
 import secrets
 import shutil
 import tarfile
@@ -36,6 +37,8 @@ FORMAT = "paddlefn-edge-bundle"
 FORMAT_VERSION = 1
 META = "bundle.json"
 NB = "model.nb"
+# Bundle ids name folders on edge devices (the default data dir): keep them to safe file-name characters.
+BUNDLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_MEMBER_BYTES = 4 * 1024**3  # a .nb beyond this is not an edge model; refuse before unpacking it
 
 
@@ -77,6 +80,8 @@ def export_bundle(
         raise BundleError(f"target must be x86 or arm, not {target!r}")
     if not device_key:
         raise BundleError("a bundle needs a device key (the platform issues one per bundle)")
+    if bundle_id is not None and not BUNDLE_ID.match(bundle_id):
+        raise BundleError(f"bundle id {bundle_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
     manifest = Manifest.load(model_dir)
     lite = manifest.lite or {}
     if not lite.get("available"):
@@ -152,6 +157,8 @@ def read_meta(bundle: Path) -> dict[str, Any]:
         raise BundleError(f"{bundle.name} is not a readable bundle (corrupt or truncated): {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BundleError(f"{bundle.name} is not a paddlefn edge bundle ({META} has no format {FORMAT!r})")
+    if not BUNDLE_ID.match(str(meta.get("bundle_id", ""))):
+        raise BundleError(f"{bundle.name} has an invalid bundle id {meta.get('bundle_id')!r}: refused")
     if meta.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"{bundle.name} has bundle format version {meta.get('format_version')}; this runtime reads version "
