@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -185,6 +186,7 @@ class Platform:
             created_at=row.created_at,
             updated_at=row.updated_at,
             last_request_at=row.last_request_at,
+            tenant_id=row.tenant_id,
         )
 
     async def _bookkeeping(self) -> None:
@@ -315,6 +317,17 @@ class Platform:
             raise Forbidden(
                 f"tenant '{tenant}' is on a plan without GPUs (gpu_allowed=false); use device cpu or auto"
             )
+
+    def _give_to_tenant(self, fn: FunctionRecord) -> None:
+        """Hand the tenant's folder to the tenant's own user (mode 0700), so that a worker confined as that
+        user reads its own models and no one else's (see runtime/isolation.py)."""
+        if self.settings.worker_isolation == "off" or os.geteuid() != 0:
+            return
+        uid = self.settings.tenant_uid_base + fn.tenant_id
+        tenant_dir = self.settings.data_dir / "tenants" / fn.tenant
+        for path in [tenant_dir, *tenant_dir.rglob("*")]:
+            os.chown(path, uid, uid, follow_symlinks=False)
+        tenant_dir.chmod(0o700)
 
     def _device_for(self, fn: FunctionRecord) -> str:
         if fn.config.device == "auto" and not self.limits_of(fn.tenant).gpu_allowed:
@@ -475,6 +488,7 @@ class Platform:
             log.info("deploy of %s failed: %s", record.label, error)
             shutil.rmtree(record.serving_dir, ignore_errors=True)
             return
+        await asyncio.to_thread(self._give_to_tenant, updated)
         log.info("deployed %s (%s program)", record.label, manifest.golden.get("served_program"))
         self.activator.touch(updated)
         await self.backend.deployed(updated)

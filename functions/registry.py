@@ -97,6 +97,7 @@ class FunctionRecord:
     created_at: datetime
     updated_at: datetime
     last_request_at: datetime | None = None
+    tenant_id: int = 0
 
     @property
     def key(self) -> tuple[str, str]:

@@ -62,6 +62,11 @@ class Settings:
     """Device for workers: "auto" (GPU when Paddle has CUDA and a device), "gpu" or "cpu"."""
     cpu_threads: int = 1
     """Math threads per CPU predictor; functions scale out with replicas, not threads."""
+    worker_isolation: str = "auto"
+    """Confine each worker to its tenant's files as the tenant's own user (runtime/isolation.py): "auto" (when the
+    platform runs as root on Linux), "required" (refuse to serve otherwise) or "off"."""
+    tenant_uid_base: int = 200_000
+    """Tenant N's workers run as user id tenant_uid_base + N (no /etc/passwd entry needed)."""
     worker_memory_mb: int = 0
     """Address-space limit per worker in MiB (0: none); a model over it fails alone, with a clear error."""
 

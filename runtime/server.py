@@ -55,6 +55,8 @@ class LoadOptions:
     max_batch_size: int = 0  # 0 or 1: no dynamic batching
     max_queue_delay_ms: float = 2.0  # how long a batch waits for more requests after its first
     engine: str = "paddle"  # "paddle" (Paddle Inference) or "lite" (Paddle Lite host, see runtime.lite)
+    # Confine the worker to its tenant's files as that tenant's user before loading (runtime.isolation).
+    confine: dict[str, Any] | None = None  # {"tenant_dir": ..., "data_dir": ..., "uid": ...}
 
     @classmethod
     def from_parameters(cls, params: dict[str, Any]) -> LoadOptions:
@@ -67,6 +69,7 @@ class LoadOptions:
                 max_batch_size=int(params.get("max_batch_size", 0)),
                 max_queue_delay_ms=float(params.get("max_queue_delay_ms", 2.0)),
                 engine=str(params.get("engine", "paddle")),
+                confine=params.get("confine"),
             )
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"bad load parameters: {exc}") from None
@@ -116,6 +119,9 @@ class Worker:
                 raise InvalidRequest(f"this worker already serves '{self.model.name}'; one model per worker")
             start = time.perf_counter()
             loop = asyncio.get_running_loop()
+            confined = False
+            if options.confine:
+                confined = self._confine(options.confine)
             try:
                 manifest = Manifest.load(options.model_dir)
             except (OSError, ValueError, KeyError) as exc:
@@ -146,14 +152,33 @@ class Worker:
             )
             seconds = time.perf_counter() - start
             log.info("loaded %s in %.3f s (%s on %s)", name, seconds, engine.name, engine.device)
-            return {"name": name, "load_seconds": seconds, "engine": engine.name, "device": engine.device}
+            return {"name": name, "load_seconds": seconds, "engine": engine.name, "device": engine.device,
+                    "confined": confined}  # fmt: skip
+
+    @staticmethod
+    def _confine(spec: dict[str, Any]) -> bool:
+        """Confine as asked; with ``required`` false, a machine that cannot (not root) serves unconfined."""
+        from runtime.isolation import confine
+
+        try:
+            confine(Path(spec["tenant_dir"]), Path(spec["data_dir"]), int(spec["uid"]))
+        except OSError as exc:
+            if spec.get("required"):
+                raise InvalidRequest(f"cannot confine the worker: {exc.strerror or exc}") from None
+            log.warning("serving unconfined: %s", exc.strerror or exc)
+            return False
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidRequest(f"bad confine parameters: {exc}") from None
+        return True
 
     def get(self, name: str) -> LoadedModel:
         if self.model is None or self.model.name != name:
             raise ModelNotFound(name)
         return self.model
 
-    async def infer(self, model: LoadedModel, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    async def infer(
+        self, model: LoadedModel, inputs: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], float]:
         if model.batcher is not None:
             return await model.batcher.infer(inputs)
         loop = asyncio.get_running_loop()
@@ -186,7 +211,11 @@ def create_app(worker: Worker) -> Starlette:
 
     async def server_metadata(request: Request) -> Response:
         return JSONResponse(
-            {"name": "paddlefn-runtime", "version": "1", "extensions": ["binary_tensor_data", "model_repository"]}
+            {
+                "name": "paddlefn-runtime",
+                "version": "1",
+                "extensions": ["binary_tensor_data", "model_repository"],
+            }
         )
 
     async def model_metadata(request: Request) -> Response:
@@ -220,7 +249,9 @@ def create_app(worker: Worker) -> Starlette:
         try:
             header_length = None if raw_length is None else int(raw_length)
         except ValueError:
-            raise InvalidRequest(f"Inference-Header-Content-Length must be an integer, got {raw_length!r}") from None
+            raise InvalidRequest(
+                f"Inference-Header-Content-Length must be an integer, got {raw_length!r}"
+            ) from None
         parsed = decode_request(await request.body(), header_length, model.manifest.spec)
         outputs, seconds = await worker.infer(model, parsed.inputs)
         body, headers = encode_response(model.name, parsed, outputs, model.response_parameters)
@@ -299,7 +330,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ready-fd", type=int, help="write one JSON line here once warm (embedded pool)")
     p.add_argument("--parent-pid", type=int, help="exit when this process dies (embedded pool)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="device to bring up")
-    p.add_argument("--model-dir", type=Path, help="load this prepared model at start (folder with manifest.json)")
+    p.add_argument(
+        "--model-dir", type=Path, help="load this prepared model at start (folder with manifest.json)"
+    )
     p.add_argument("--model-name", help="name to serve the model under (default: the folder's name)")
     p.add_argument("--engine", choices=["paddle", "lite"], default="paddle", help="engine for --model-dir")
     p.add_argument("--max-memory-mb", type=int, default=0, help="address-space limit for this process")
@@ -311,7 +344,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s"
+    )
     if args.parent_pid:
         _die_with_parent(args.parent_pid)
     if args.max_memory_mb:
@@ -331,7 +366,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
 
     async def serve() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -242,6 +243,14 @@ class LocalBackend:
 
     def _load_parameters(self, fn: FunctionRecord) -> dict[str, Any]:
         params: dict[str, Any] = {"model_dir": str(fn.serving_dir), "cpu_threads": self.settings.cpu_threads}
+        isolation = self.settings.worker_isolation
+        if isolation == "required" or (isolation == "auto" and os.geteuid() == 0):
+            params["confine"] = {
+                "tenant_dir": str((self.settings.data_dir / "tenants" / fn.tenant).resolve()),
+                "data_dir": str(self.settings.data_dir.resolve()),
+                "uid": self.settings.tenant_uid_base + fn.tenant_id,
+                "required": isolation == "required",
+            }
         if fn.config.batching:
             params["max_batch_size"] = fn.config.batching.max_batch_size
             params["max_queue_delay_ms"] = fn.config.batching.max_queue_delay_ms
