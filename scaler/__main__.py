@@ -17,6 +17,7 @@ async def serve(settings: ScalerSettings) -> None:
         settings.prometheus_selector,
         settings.query_timeout_s,
         settings.prometheus_token,
+        settings.activity_window_s,
     )
     service = ScalerService(settings, source)
     await service.start()

@@ -4,10 +4,12 @@ KEDA asks two questions per ScaledObject: *is it active?* (0 <-> 1, answered her
 *how much load?* (1 <-> N: the metric value that KEDA's HPA divides by the target). The board answers both
 from plain data, with time passed in as ``now`` so every rule is testable with a fake clock.
 
-- A sample carries sums over all gateway replicas: requests in flight (waiting included), waiting, and the
-  request counter. A counter that moved since the previous sample means requests arrived in between, even
-  when none was in flight at the scrape: it counts as demand, and that is how "last request" is known
-  without one query per function.
+- A sample carries sums over all gateway replicas: requests in flight (waiting included), waiting, and
+  requests answered within the activity window. Answered requests count as demand even when none was in
+  flight at the scrape (something served them: KEDA must not let its cooldown run out under quick traffic),
+  and they are how "last request" is known without one query per function.
+- Functions absent from a tick's samples had nothing going on. An inactive one without min_scale cannot
+  change state without a sample or a wake, so the tick skips it: the tick's cost follows the busy functions.
 - A wake signal (a request found its function asleep) counts as a request and turns the function active at
   once; watchers (``StreamIsActive`` streams) hear about every change of activity without waiting for a tick.
 - Who waits for the idle timeout: by default KEDA (``cooldownPeriod`` carries it) and the scaler reports
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from scaler.policy import Load, Scaling, State, decide
 
 Key = tuple[str, str]  # (tenant, function)
+IDLE = Load()
 
 
 @dataclass(frozen=True)
@@ -33,13 +36,12 @@ class Sample:
 
     in_flight: float = 0.0  # being served or waiting (paddlefn_in_flight_requests)
     pending: float = 0.0  # waiting for a replica (paddlefn_pending_requests)
-    requests: float = 0.0  # paddlefn_requests_total, all codes
+    recent: float = 0.0  # requests answered within the activity window (increase of paddlefn_requests_total)
 
 
 @dataclass
 class Entry:
     scaling: Scaling = field(default_factory=Scaling)
-    requests: float | None = None  # counter at the previous sample
     last_request_at: float | None = None
     load: Load = field(default_factory=Load)
     state: State = field(default_factory=State)
@@ -66,12 +68,9 @@ class Board:
         """Take one tick's samples; a function absent from them has no load (its series went stale)."""
         for key, sample in samples.items():
             entry = self._entry(key)
-            moved = entry.requests is not None and sample.requests != entry.requests  # resets count too
-            if moved or (entry.requests is None and sample.requests > 0) or sample.in_flight > 0:
-                # First sight of a used function (scaler restart): treat as recent. A sleeping one stays
-                # asleep: the policy never wakes a function at 0 without demand.
+            answered = sample.recent > 0
+            if answered or sample.in_flight > 0 or sample.pending > 0:
                 entry.last_request_at = now
-            entry.requests = sample.requests
             waiting = max(sample.pending, 0.0)
             serving = max(sample.in_flight - waiting, 0.0)
             entry.load = Load(
@@ -79,11 +78,14 @@ class Board:
                 pending=math.ceil(waiting),
                 # Requests answered since the last tick are demand too: something served them, and KEDA must
                 # not let its cooldown run out under traffic that is too quick to be seen in flight.
-                peak=max(math.ceil(serving + waiting), 1 if moved else 0),
+                peak=max(math.ceil(serving + waiting), 1 if answered else 0),
                 seconds_since_request=None if entry.last_request_at is None else now - entry.last_request_at,
             )
         for key, entry in self._entries.items():
             if key not in samples:
+                if not entry.active and entry.scaling.min_scale == 0:
+                    entry.load = IDLE  # asleep and nothing happened: nothing to decide
+                    continue
                 since = None if entry.last_request_at is None else now - entry.last_request_at
                 entry.load = Load(seconds_since_request=since)
             self._decide(entry, now)

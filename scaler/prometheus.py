@@ -3,6 +3,10 @@
 Three gateway series are summed ``by (tenant, function)`` (over gateway replicas and status codes) and tagged
 with a ``series`` label so that a single instant query returns all of them; ``or`` keeps every element because
 the tags differ. Per-function queries would cost 10,000 round trips per tick on a big cluster; this costs one.
+
+Only functions with something to say come back (``> 0``): requests in flight, waiting, or answered within the
+activity window (``increase`` over it, which also copes with gateway restarts resetting counters). Most
+functions sleep most of the time, so the answer - and the tick - scales with the busy ones, not with all.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from scaler.activity import Key, Sample
 SERIES = {
     "in_flight": "paddlefn_in_flight_requests",
     "pending": "paddlefn_pending_requests",
-    "requests": "paddlefn_requests_total",
+    "recent": "paddlefn_requests_total",
 }
 
 
@@ -24,13 +28,15 @@ class SourceError(Exception):
     """Prometheus did not answer (or answered nonsense): the tick is skipped and activity stays as it was."""
 
 
-def build_query(selector: str = "") -> str:
-    """The PromQL of one tick. SELECTOR narrows the series, e.g. ``job="paddlefn-gateway"`` (no braces)."""
+def build_query(selector: str = "", window_s: float = 30.0) -> str:
+    """The PromQL of one tick. SELECTOR narrows the series, e.g. ``job="paddlefn-gateway"`` (no braces);
+    WINDOW_S is the activity window (keep it above two scrape intervals: ``increase`` needs two samples)."""
     matcher = f"{{{selector}}}" if selector else ""
-    parts = [
-        f'label_replace(sum by (tenant, function) ({metric}{matcher}), "series", "{tag}", "", "")'
-        for tag, metric in SERIES.items()
-    ]
+    window = f"{max(1, round(window_s * 1000))}ms"
+    parts = []
+    for tag, metric in SERIES.items():
+        expr = f"increase({metric}{matcher}[{window}])" if tag == "recent" else f"{metric}{matcher}"
+        parts.append(f'label_replace(sum by (tenant, function) ({expr}) > 0, "series", "{tag}", "", "")')
     return " or ".join(parts)
 
 
@@ -53,7 +59,14 @@ def parse(result: Iterable[Mapping[str, Any]]) -> dict[Key, Sample]:
 class PrometheusSource:
     """Blocking (prometheus-api-client uses requests): the service calls ``fetch`` in a worker thread."""
 
-    def __init__(self, url: str, selector: str = "", timeout_s: float = 5.0, bearer_token: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        selector: str = "",
+        timeout_s: float = 5.0,
+        bearer_token: str = "",
+        window_s: float = 30.0,
+    ) -> None:
         import requests
         from prometheus_api_client import PrometheusConnect
         from urllib3.util.retry import Retry
@@ -62,7 +75,7 @@ class PrometheusSource:
         self._session = requests.Session()  # ours, so that close() can release its connections
         # No retries inside a tick: the next tick is the retry, and a stalled tick would delay every function.
         self._client = PrometheusConnect(url, headers=headers, retry=Retry(total=0), session=self._session)
-        self.query = build_query(selector)
+        self.query = build_query(selector, window_s)
         self.timeout_s = timeout_s
 
     def fetch(self) -> dict[Key, Sample]:

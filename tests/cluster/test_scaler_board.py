@@ -26,55 +26,55 @@ def test_unknown_function_is_inactive_with_no_demand() -> None:
 
 def test_requests_in_flight_make_a_function_active_and_set_its_demand() -> None:
     b = board()
-    b.observe({FN: Sample(in_flight=5, pending=2, requests=10)}, now=0.0)
+    b.observe({FN: Sample(in_flight=5, pending=2, recent=10)}, now=0.0)
     assert b.is_active(FN)
     assert b.demand(FN) == 5.0  # in flight counts the waiting ones already
 
 
 def test_a_function_goes_inactive_only_after_its_idle_timeout() -> None:
     b = board(idle_timeout_s=10.0)
-    b.observe({FN: Sample(in_flight=1, requests=1)}, now=0.0)
+    b.observe({FN: Sample(in_flight=1, recent=1)}, now=0.0)
     for now in (1.0, 5.0, 9.9):
-        b.observe({FN: Sample(in_flight=0, requests=1)}, now=now)
+        b.observe({}, now=now)  # absent from the answer: nothing in flight, nothing answered lately
         assert b.is_active(FN), now
-    b.observe({FN: Sample(in_flight=0, requests=1)}, now=10.0)
+    b.observe({}, now=10.0)
     assert not b.is_active(FN)
 
 
-def test_a_moving_counter_counts_as_a_request_even_with_nothing_in_flight_at_the_scrape() -> None:
+def test_requests_answered_lately_count_even_with_nothing_in_flight_at_the_scrape() -> None:
     b = board(idle_timeout_s=10.0)
-    b.observe({FN: Sample(in_flight=1, requests=1)}, now=0.0)
-    b.observe({FN: Sample(in_flight=0, requests=7)}, now=8.0)  # six quick requests between scrapes
-    b.observe({FN: Sample(in_flight=0, requests=7)}, now=17.0)
+    b.observe({FN: Sample(in_flight=1, recent=1)}, now=0.0)
+    b.observe({FN: Sample(recent=6)}, now=8.0)  # quick requests between scrapes
+    b.observe({}, now=17.0)
     assert b.is_active(FN)  # 9 s after the last request seen, not 17
-    b.observe({FN: Sample(in_flight=0, requests=7)}, now=18.0)
+    b.observe({}, now=18.0)
     assert not b.is_active(FN)
 
 
-def test_requests_served_between_two_scrapes_make_an_inactive_function_active() -> None:
+def test_requests_answered_lately_make_an_inactive_function_active() -> None:
     # KEDA's cooldown may still be running with replicas up: traffic must keep them, even unseen in flight.
     b = board(idle_timeout_s=10.0)
-    b.observe({FN: Sample(requests=3)}, now=0.0)
-    b.observe({FN: Sample(requests=3)}, now=20.0)
+    b.observe({}, now=0.0)
     assert not b.is_active(FN)
-    b.observe({FN: Sample(requests=4)}, now=21.0)
+    b.observe({FN: Sample(recent=1)}, now=21.0)
     assert b.is_active(FN)
 
 
 def test_without_its_own_idle_timeout_the_scaler_reports_activity_within_the_window() -> None:
     # The default: KEDA's cooldownPeriod carries the idle timeout, the scaler only says "traffic lately".
     b = board(idle_timeout_s=0.0, window=2.0)
-    b.observe({FN: Sample(in_flight=1, requests=1)}, now=0.0)
-    b.observe({FN: Sample(in_flight=0, requests=1)}, now=1.9)
+    b.observe({FN: Sample(in_flight=1, recent=1)}, now=0.0)
+    b.observe({}, now=1.9)
     assert b.is_active(FN)
-    b.observe({FN: Sample(in_flight=0, requests=1)}, now=2.0)
+    b.observe({}, now=2.0)
     assert not b.is_active(FN)
 
 
-def test_a_sleeping_function_is_not_woken_by_an_old_counter_seen_after_a_scaler_restart() -> None:
+def test_a_sleeping_function_stays_asleep_and_costs_nothing_per_tick() -> None:
     b = board()
-    b.observe({FN: Sample(in_flight=0, requests=500)}, now=100.0)
-    assert not b.is_active(FN)
+    for now in range(5):
+        b.observe({}, now=float(now))
+    assert not b.is_active(FN) and b.demand(FN) == 0.0
 
 
 def test_min_scale_keeps_a_function_active_without_traffic() -> None:
@@ -108,20 +108,20 @@ def test_watchers_hear_every_change_of_activity() -> None:
 
 
 def test_one_query_covers_every_function_and_series() -> None:
-    query = build_query('job="paddlefn-gateway"')
-    assert query.count("sum by (tenant, function)") == 3
-    assert 'paddlefn_requests_total{job="paddlefn-gateway"}' in query
+    query = build_query('job="paddlefn-gateway"', window_s=30)
+    assert query.count("sum by (tenant, function)") == 3 and query.count(" > 0") == 3
+    assert 'increase(paddlefn_requests_total{job="paddlefn-gateway"}[30000ms])' in query
     assert " or " in query
 
 
 def test_parse_groups_series_by_function_and_ignores_foreign_series() -> None:
     result = [
         {"metric": {"tenant": "a", "function": "f", "series": "in_flight"}, "value": [1.0, "3"]},
-        {"metric": {"tenant": "a", "function": "f", "series": "requests"}, "value": [1.0, "42"]},
+        {"metric": {"tenant": "a", "function": "f", "series": "recent"}, "value": [1.0, "42"]},
         {"metric": {"tenant": "b", "function": "g", "series": "pending"}, "value": [1.0, "NaN"]},
-        {"metric": {"series": "requests"}, "value": [1.0, "1"]},  # no tenant label: not ours
+        {"metric": {"series": "recent"}, "value": [1.0, "1"]},  # no tenant label: not ours
     ]
-    assert parse(result) == {("a", "f"): Sample(in_flight=3, requests=42), ("b", "g"): Sample()}
+    assert parse(result) == {("a", "f"): Sample(in_flight=3, recent=42), ("b", "g"): Sample()}
 
 
 def test_parse_rejects_an_answer_it_cannot_read() -> None:

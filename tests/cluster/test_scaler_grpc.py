@@ -40,7 +40,7 @@ def test_is_active_follows_traffic_seen_by_the_metric_source(
 ) -> None:
     _, source = scaler
     assert stub.IsActive(ref()).result is False
-    source.samples[FN] = Sample(in_flight=6, requests=3)
+    source.samples[FN] = Sample(in_flight=6, recent=3)
     wait_until(lambda: stub.IsActive(ref()).result, 5, "IsActive after traffic")
     metrics = stub.GetMetrics(
         pb.GetMetricsRequest(scaledObjectRef=ref(), metricName="s0-paddlefn-concurrency")
