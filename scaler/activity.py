@@ -41,7 +41,7 @@ class Sample:
 
 @dataclass
 class Entry:
-    scaling: Scaling = field(default_factory=Scaling)
+    scaling: Scaling  # as the ScaledObject states it, resolved for 0 <-> 1 (see Board.configure)
     last_request_at: float | None = None
     load: Load = field(default_factory=Load)
     state: State = field(default_factory=State)
@@ -57,12 +57,26 @@ class Board:
     def _entry(self, key: Key) -> Entry:
         entry = self._entries.get(key)
         if entry is None:
-            entry = self._entries[key] = Entry()
+            entry = self._entries[key] = Entry(self._resolve(Scaling()))
         return entry
+
+    def _resolve(self, scaling: Scaling) -> Scaling:
+        # Built once per ScaledObject, not per tick: a tick decides for every busy function.
+        return Scaling(
+            min_scale=scaling.min_scale,
+            max_scale=scaling.max_scale,
+            target=scaling.target,
+            # The scaler's own idle wait is never shorter than the activity window (see the module docstring).
+            idle_timeout_s=max(scaling.idle_timeout_s, self.activity_window_s),
+            scale_down_delay_s=0.0,  # 1 <-> N belongs to KEDA's HPA; here only 0 <-> 1 is decided
+        )
 
     def configure(self, key: Key, scaling: Scaling) -> None:
         """Scaling settings as KEDA's ScaledObject states them (they arrive with every call)."""
-        self._entry(key).scaling = scaling
+        entry = self._entry(key)
+        resolved = self._resolve(scaling)
+        if entry.scaling != resolved:
+            entry.scaling = resolved
 
     def observe(self, samples: Mapping[Key, Sample], now: float) -> None:
         """Take one tick's samples; a function absent from them has no load (its series went stale)."""
@@ -91,16 +105,7 @@ class Board:
             self._decide(entry, now)
 
     def _decide(self, entry: Entry, now: float) -> None:
-        scaling = entry.scaling
-        # The scaler's own idle wait is never shorter than the activity window (see the module docstring).
-        effective = Scaling(
-            min_scale=scaling.min_scale,
-            max_scale=scaling.max_scale,
-            target=scaling.target,
-            idle_timeout_s=max(scaling.idle_timeout_s, self.activity_window_s),
-            scale_down_delay_s=0.0,  # 1 <-> N belongs to KEDA's HPA; here only 0 <-> 1 is decided
-        )
-        decision = decide(entry.load, effective, 1 if entry.active else 0, entry.state, now)
+        decision = decide(entry.load, entry.scaling, 1 if entry.active else 0, entry.state, now)
         entry.state = decision.state
         self._set_active(entry, decision.desired > 0)
 

@@ -1,0 +1,220 @@
+"""The cluster scaler's costs: one tick for 10,000 functions across 1,000 tenants, and wake signal -> active on
+``StreamIsActive``.
+
+Tick: a stand-in Prometheus (HTTP server in a thread) answers the scaler's one aggregated query - it refuses
+any other query, so the shape measured is the real one - with synthetic vectors of the size a real one would
+return (3 series per function); each tick some functions get traffic so counters move. Measured per tick:
+HTTP + JSON decode through prometheus-api-client (``PrometheusSource.fetch``), and the board's update with
+the policy for every function (``Board.observe``). Goal: under 100 ms.
+
+Wake: the scaler service runs for real (gRPC server, wake endpoint, tick loop over the same 10,000 functions);
+for each sample a real gRPC client holds a ``StreamIsActive`` stream open for a sleeping function, posts the
+wake signal over HTTP and times the stream's ``true``. Goal: under 10 ms.
+
+    .venv/bin/python bench/scaler_tick.py [--functions 10000 --tenants 1000 --ticks 30 --wakes 200]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc
+import httpx
+
+from bench.common import arg_parser, machine, stats_ms, table, write_result
+from scaler.activity import Board, Key, Sample
+from scaler.policy import Scaling
+from scaler.prometheus import PrometheusSource, build_query, parse
+from scaler.proto import externalscaler_pb2 as pb
+from scaler.proto import externalscaler_pb2_grpc as pb_grpc
+from scaler.service import ScalerService
+from scaler.settings import ScalerSettings
+
+SELECTOR = 'job="paddlefn-gateway"'
+
+
+def functions(n: int, tenants: int) -> list[Key]:
+    return [(f"tenant-{i % tenants:04d}", f"fn-{i:05d}") for i in range(n)]
+
+
+def answer(busy: list[Key], rng: random.Random) -> bytes:
+    """Prometheus' answer to the scaler's query, as Prometheus serialises it: only functions with something
+    going on appear (the query's ``> 0``); a busy one has requests in flight and answered, some waiting."""
+    now = time.time()
+    result: list[dict[str, Any]] = []
+    for tenant, fn in busy:
+        values = (
+            ("in_flight", rng.randint(1, 8)),
+            ("pending", rng.randint(0, 2)),
+            ("recent", rng.randint(1, 50)),
+        )
+        for series, value in values:
+            if value:
+                metric = {"tenant": tenant, "function": fn, "series": series}
+                result.append({"metric": metric, "value": [now, f"{value:g}"]})
+    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}}).encode()
+
+
+class StandInPrometheus:
+    """Serves pre-built answers in turn, only for the scaler's exact query (a different shape gets a 400)."""
+
+    def __init__(self, bodies: list[bytes]) -> None:
+        self.bodies, self.served, expected = bodies, 0, build_query(SELECTOR)
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                query = parse_qs(urlsplit(self.path).query).get("query", [""])[0]
+                if query != expected:
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                body = outer.bodies[outer.served % len(outer.bodies)]
+                outer.served += 1
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def build_bodies(keys: list[Key], ticks: int, busy_share: float) -> list[bytes]:
+    """One answer per tick; the busy set changes from tick to tick, so functions wake and go idle."""
+    rng = random.Random(7)
+    return [answer(rng.sample(keys, int(len(keys) * busy_share)), rng) for _ in range(ticks)]
+
+
+def measure_ticks(keys: list[Key], ticks: int, busy_share: float) -> dict[str, Any]:
+    bodies = build_bodies(keys, ticks + 1, busy_share)
+    prometheus = StandInPrometheus(bodies)
+    source = PrometheusSource(prometheus.url, selector=SELECTOR)
+    board = Board(activity_window_s=30)
+    for key in keys:  # as KEDA's calls would have configured them
+        board.configure(key, Scaling(min_scale=0, max_scale=4, target=2, idle_timeout_s=0))
+    fetch_s, observe_s, total_s = [], [], []
+    # The scaler's own CPU in a fetch, without the stand-in's HTTP serving (a real Prometheus is Go, not Python).
+    decode_s = []
+    for body in bodies[1:]:
+        t0 = time.perf_counter()
+        parse(json.loads(body)["data"]["result"])
+        decode_s.append(time.perf_counter() - t0)
+    try:
+        board.observe(source.fetch(), now=0.0)  # warm-up: first sight of every function
+        for i in range(ticks):
+            t0 = time.perf_counter()
+            samples = source.fetch()
+            t1 = time.perf_counter()
+            board.observe(samples, now=float(i + 1))
+            t2 = time.perf_counter()
+            fetch_s.append(t1 - t0)
+            observe_s.append(t2 - t1)
+            total_s.append(t2 - t0)
+    finally:
+        source.close()
+        prometheus.close()
+    return {
+        "answer_bytes": len(bodies[0]),
+        "series": bodies[0].count(b'"series"'),
+        "fetch_ms": stats_ms(fetch_s),
+        "decode_parse_ms": stats_ms(decode_s),
+        "observe_ms": stats_ms(observe_s),
+        "tick_ms": stats_ms(total_s),
+    }
+
+
+class Busy:
+    """The wake bench's background: the same 10% of functions busy in every tick, the rest asleep."""
+
+    def __init__(self, keys: list[Key]) -> None:
+        self.samples = {k: Sample(in_flight=2.0, recent=10.0) for k in keys}
+
+    def fetch(self) -> dict[Key, Sample]:
+        return self.samples
+
+    def close(self) -> None:
+        pass
+
+
+def measure_wakes(keys: list[Key], wakes: int) -> dict[str, Any]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    settings = ScalerSettings(grpc_address="127.0.0.1:0", http_host="127.0.0.1", http_port=0, tick_s=1.0)
+    busy, asleep = keys[: len(keys) // 10], keys[len(keys) // 10 :]
+    service = ScalerService(settings, Busy(busy))
+    asyncio.run_coroutine_threadsafe(service.start(), loop).result(30)
+    delays: list[float] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel, httpx.Client() as http:
+            stub = pb_grpc.ExternalScalerStub(channel)
+            for tenant, fn in random.Random(3).sample(asleep, wakes):
+                ref = pb.ScaledObjectRef(name=fn, namespace=f"t-{tenant}",
+                                         scalerMetadata={"tenant": tenant, "function": fn})  # fmt: skip
+                stream = stub.StreamIsActive(ref)
+                assert next(stream).result is False
+                sent = time.perf_counter()
+                http.post(f"http://127.0.0.1:{service.http_port}/v1/wake/{tenant}/{fn}").raise_for_status()
+                assert next(stream).result is True
+                delays.append(time.perf_counter() - sent)
+                stream.cancel()
+    finally:
+        asyncio.run_coroutine_threadsafe(service.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    return {"wake_to_stream_ms": stats_ms(delays)}
+
+
+def main() -> None:
+    p = arg_parser(__doc__.split("\n")[0])
+    p.add_argument("--functions", type=int, default=10_000)
+    p.add_argument("--tenants", type=int, default=1_000)
+    p.add_argument("--ticks", type=int, default=30)
+    p.add_argument("--wakes", type=int, default=200)
+    args = p.parse_args()
+    keys = functions(args.functions, args.tenants)
+    result: dict[str, Any] = {"device": "cpu", "machine": machine(), "functions": args.functions,
+                              "tenants": args.tenants, "query": build_query(SELECTOR)}  # fmt: skip
+    shares = (0.1, 1.0)  # a typical hour (most functions asleep) and the worst case (all busy at once)
+    result["ticks"] = {f"{share:.0%} busy": measure_ticks(keys, args.ticks, share) for share in shares}
+    result["wake"] = measure_wakes(keys, args.wakes)
+    path = write_result("scaler_tick", result)
+    rows = []
+    for label, tick in result["ticks"].items():
+        size = f"answer {tick['answer_bytes'] / 1e6:.2f} MB, {tick['series']} series"
+        rows.append({"what": f"tick, {label}: fetch ({size})", **tick["fetch_ms"]})
+        rows.append({"what": f"tick, {label}: of which JSON decode + parse", **tick["decode_parse_ms"]})
+        rows.append({"what": f"tick, {label}: board + policy", **tick["observe_ms"]})
+        rows.append({"what": f"tick, {label}: total (goal < 100 ms)", **tick["tick_ms"]})
+    rows.append(
+        {"what": "wake signal -> StreamIsActive true (goal < 10 ms)", **result["wake"]["wake_to_stream_ms"]}
+    )
+    print(table(rows, ["what", "n", "p50", "p99", "mean", "max"]))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
