@@ -108,6 +108,7 @@ def spec_of(fn: FunctionRecord, settings: Settings) -> FunctionSpec:
         max_batch_size=c.batching.max_batch_size if c.batching else 0,
         max_queue_delay_ms=c.batching.max_queue_delay_ms if c.batching else 2.0,
         lite=lite,
+        gpu=c.device != "cpu",  # "auto" asks for a GPU on a cluster: that is what the shared image is for
     )
 
 

@@ -49,6 +49,7 @@ class FunctionSpec:
     max_batch_size: int = 0  # dynamic batching in the worker (0: off)
     max_queue_delay_ms: float = 2.0
     lite: bool = False  # the deploy produced a Paddle Lite .nb that passed the golden check
+    gpu: bool = True  # the main service holds a GPU; False (function device "cpu") runs the same image on CPU
 
 
 def namespace_of(tenant: str, config: ClusterConfig) -> str:
@@ -175,11 +176,12 @@ def _labels(fn: FunctionSpec, variant: str) -> dict[str, str]:
 
 
 def _container(fn: FunctionSpec, config: ClusterConfig, variant: str) -> Obj:
-    gpu = variant == "gpu"
+    paddle = variant == "gpu"  # the main service runs Paddle Inference; the other one Paddle Lite
+    gpu = paddle and fn.gpu
     # The tenant's volume is the control plane's data_dir/tenants/{tenant} (shared RWX storage, docs/cluster.md).
     model_dir = f"{MODELS_MOUNT}/functions/{fn.name}/{fn.version}/serving"
     args = ["--port", str(PORT), "--model-dir", model_dir, "--model-name", fn.name,
-            "--device", "gpu" if gpu else "cpu", "--engine", "paddle" if gpu else "lite"]  # fmt: skip
+            "--device", "gpu" if gpu else "cpu", "--engine", "paddle" if paddle else "lite"]  # fmt: skip
     if fn.max_batch_size:
         args += [
             "--max-batch-size",
@@ -187,7 +189,7 @@ def _container(fn: FunctionSpec, config: ClusterConfig, variant: str) -> Obj:
             "--max-queue-delay-ms",
             f"{fn.max_queue_delay_ms:g}",
         ]
-    cpu, memory = (config.gpu_cpu, config.gpu_memory) if gpu else (config.lite_cpu, config.lite_memory)
+    cpu, memory = (config.gpu_cpu, config.gpu_memory) if paddle else (config.lite_cpu, config.lite_memory)
     requests: Obj = {"cpu": cpu, "memory": memory}
     limits: Obj = {"memory": memory}
     if gpu:  # extended resources: request = limit, and only whole devices
@@ -195,7 +197,7 @@ def _container(fn: FunctionSpec, config: ClusterConfig, variant: str) -> Obj:
         limits["nvidia.com/gpu"] = "1"
     return {
         "name": "runtime",
-        "image": config.gpu_image if gpu else config.lite_image,
+        "image": config.gpu_image if paddle else config.lite_image,
         "args": args,
         "ports": [{"name": "http1", "containerPort": PORT}],
         "env": [

@@ -18,6 +18,7 @@ FUNCTIONS = [
     FunctionSpec("acme", "classify", "v3", lite=True, max_batch_size=32, min_scale=1, max_scale=8),
     FunctionSpec("acme", "tiny", "v1", idle_timeout_s=60, request_timeout_s=3600, cold_start_timeout_s=2),
     FunctionSpec("t" * 63, "f" * 63, "v1", lite=True),  # longest names the platform allows
+    FunctionSpec("acme", "on-cpu", "v1", gpu=False),
 ]
 
 
@@ -91,6 +92,13 @@ def test_a_knative_function_is_driven_by_keda_through_our_scaler() -> None:
     assert "nvidia.com/gpu" not in lite_container["resources"]["limits"]
     assert lite_container["image"] == KNATIVE.lite_image and "lite" in lite_container["args"]
     assert override_of(lite)["spec"]["maxReplicaCount"] == 1
+
+
+def test_a_cpu_function_runs_the_shared_image_without_a_gpu() -> None:
+    container = function_objects(FUNCTIONS[3], KNATIVE)[0]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == KNATIVE.gpu_image
+    assert "nvidia.com/gpu" not in container["resources"]["requests"]
+    assert container["args"][container["args"].index("--device") + 1] == "cpu"
 
 
 def test_request_timeouts_stay_within_knatives_limit() -> None:
