@@ -18,6 +18,11 @@ class EngineError(RuntimeError):
     """The model failed on an input that matched its spec (e.g. a free dimension it cannot take)."""
 
 
+class EngineOutOfMemory(EngineError):
+    """The model needed more memory than this worker may use (its address-space limit): the request is refused,
+    the worker goes on serving."""
+
+
 class Engine(Protocol):
     name: str  # "paddle-inference" or "paddle-lite": reported to clients with every response
     device: str  # device class that is billed: "gpu", "cpu" or "lite"
@@ -71,7 +76,9 @@ class PaddleInferenceEngine:
         self.device = "gpu" if use_gpu else "cpu"
         self.spec = manifest.spec
         self._inputs = {n: self._predictor.get_input_handle(n) for n in self._predictor.get_input_names()}
-        self._outputs = [(n, self._predictor.get_output_handle(n)) for n in self._predictor.get_output_names()]
+        self._outputs = [
+            (n, self._predictor.get_output_handle(n)) for n in self._predictor.get_output_names()
+        ]
         declared = [t.name for t in self.spec.inputs]
         if sorted(declared) != sorted(self._inputs):
             raise EngineError(f"manifest inputs {declared} do not match the program's {list(self._inputs)}")
@@ -84,11 +91,30 @@ class PaddleInferenceEngine:
                 handle.copy_from_cpu(np.ascontiguousarray(array))
             self._predictor.run()
             return {name: handle.copy_to_cpu() for name, handle in self._outputs}
+        except MemoryError as exc:  # Paddle's ResourceExhausted: an allocation over the worker's memory limit
+            raise EngineOutOfMemory(_first_line(exc)) from exc
         except (RuntimeError, ValueError, OSError) as exc:
+            if _looks_out_of_memory(exc):
+                raise EngineOutOfMemory(_first_line(exc)) from exc
             raise EngineError(_first_line(exc)) from exc
 
     def close(self) -> None:
         self._predictor = None
+
+
+_OOM_SIGNS = ("error code is 12", "bad_alloc", "out of memory", "cannot allocate memory")
+
+
+def _looks_out_of_memory(exc: BaseException) -> bool:
+    """Allocation failures reach us in several guises; oneDNN's is a bare "could not create a primitive", which
+    under an address-space limit is almost always an allocation that failed."""
+    import resource
+
+    text = str(exc).lower()
+    if any(sign in text for sign in _OOM_SIGNS):
+        return True
+    limited = resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+    return limited and "could not create a primitive" in text
 
 
 def _first_line(exc: BaseException) -> str:

@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from runtime.batching import BatchShapeError, DynamicBatcher
-from runtime.engine import Engine, EngineError
+from runtime.engine import Engine, EngineError, EngineOutOfMemory
 from runtime.protocol import HEADER_LENGTH, InvalidRequest, decode_request, encode_response
 from runtime.spec import GOLDEN_INPUTS, Manifest
 
@@ -266,6 +266,10 @@ def create_app(worker: Worker) -> Starlette:
         return _error(404, f"model '{exc}' is not loaded in this worker")
 
     async def engine_failed(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, EngineOutOfMemory):
+            # 507: the model's own memory need, not the platform's fault and not fixed by retrying as is.
+            return _error(507, f"the model ran out of memory on this request (the worker's memory limit); "
+                               f"send a smaller batch or ask for a larger limit: {exc}")  # fmt: skip
         return _error(400, f"the model could not run on this input: {exc}")
 
     async def batch_shape(request: Request, exc: Exception) -> Response:
