@@ -197,7 +197,9 @@ class KnativeBackend:
         self._kube: KubeObjects | None = None
         self._http: httpx.AsyncClient | None = None
         self._tenants: set[str] = set()  # tenants whose namespace objects this process has applied
-        self._ready: dict[tuple[str, str], int] = {}  # last known: 0 after a failed call, 1 after a success
+        # When each function last answered through this gateway: KEDA cannot have put it to sleep within its
+        # cooldown (the idle timeout) after that, so it is surely up; later it may be asleep.
+        self._last_answer: dict[tuple[str, str], float] = {}
         self._pending: dict[tuple[str, str], int] = {}
         self._listeners: list[WakeListener] = []
 
@@ -243,7 +245,7 @@ class KnativeBackend:
     async def removed(self, fn: FunctionRecord) -> None:
         for obj in reversed(function_objects(spec_of(fn, self.settings), self.config)):
             await asyncio.to_thread(self.kube.delete, obj)
-        self._ready.pop(fn.key, None)
+        self._last_answer.pop(fn.key, None)
 
     # --- scaling: KEDA's, through our scaler -----------------------------------------------------------------
 
@@ -257,15 +259,23 @@ class KnativeBackend:
     async def _signal_wake(self, fn: FunctionRecord) -> None:
         assert self._http is not None
         url = f"{self.config.scaler_wake_url}/v1/wake/{fn.tenant}/{fn.name}"
+        token = self.config.scaler_wake_token
+        headers = {"authorization": f"Bearer {token}"} if token else None
         try:
-            response = await self._http.post(url, timeout=2.0)
+            response = await self._http.post(url, headers=headers, timeout=2.0)
             if response.status_code != 202:
                 log.warning("wake signal for %s: scaler answered %d", fn.label, response.status_code)
         except httpx.HTTPError as exc:  # KEDA's polling still wakes it, only later
             log.warning("wake signal for %s did not reach the scaler: %s", fn.label, exc)
 
     def replicas(self, fn: FunctionRecord) -> int:
-        return self._ready.get(fn.key, 0)
+        """1 while the function is surely up (answered within its idle timeout), else 0: KEDA knows more."""
+        return 0 if self._maybe_asleep(fn) else 1
+
+    def _maybe_asleep(self, fn: FunctionRecord) -> bool:
+        last = self._last_answer.get(fn.key)
+        idle_timeout = fn.config.idle_timeout_s or self.settings.idle_timeout_s
+        return last is None or time.monotonic() - last >= idle_timeout
 
     def replica_info(self, fn: FunctionRecord) -> list[dict[str, Any]]:
         return []  # replicas are pods that Kubernetes lists: kubectl get pods -l paddlefn.dev/function=...
@@ -283,21 +293,26 @@ class KnativeBackend:
         spec = spec_of(fn, self.settings)
         urls = [function_url(spec, self.config) + request.path]
         started = time.perf_counter()
-        woke = False
-        self._pending[fn.key] = self._pending.get(fn.key, 0) + 1
+        # Possibly asleep: signal the scaler before the first try, because the request may not fail fast (an
+        # ingress or Knative's activator can hold it) and KEDA would otherwise wake it only at its next poll.
+        cold = self._maybe_asleep(fn)
+        if cold:
+            await self._wake(fn)
+        self._pending[fn.key] = self._pending.get(fn.key, 0) + cold
         try:
             while True:
-                response = await self._try(urls, request, fn)
+                timeout = request.timeout_s + (request.cold_start_timeout_s if cold else 0.0)
+                response = await self._try(urls, request, fn, timeout)
                 if response is not None:
                     break
-                if not woke:
-                    woke = True
-                    self._ready[fn.key] = 0
-                    for listener in self._listeners:
-                        listener(fn)
-                    await self._signal_wake(fn)
-                    if spec.lite and self.config.lite_fallback:  # the CPU stand-in wakes faster: try it too
-                        urls.append(function_url(spec, self.config, "lite") + request.path)
+                if not cold:  # it was up a moment ago and is gone: it is waking now
+                    cold = True
+                    self._pending[fn.key] += 1
+                    await self._wake(fn)
+                if (
+                    spec.lite and self.config.lite_fallback and len(urls) == 1
+                ):  # the CPU stand-in wakes faster
+                    urls.append(function_url(spec, self.config, "lite") + request.path)
                 if time.perf_counter() - started > request.cold_start_timeout_s:
                     raise GatewayTimeout(
                         f"function {fn.label} did not wake within its cold-start timeout of "
@@ -305,17 +320,24 @@ class KnativeBackend:
                     )
                 await asyncio.sleep(0.05)
         finally:
-            self._pending[fn.key] -= 1
-        self._ready[fn.key] = max(self._ready.get(fn.key, 0), 1)
-        return self._forwarded(response, time.perf_counter() - started if woke else None)
+            self._pending[fn.key] -= cold
+        self._last_answer[fn.key] = time.monotonic()
+        return self._forwarded(response, time.perf_counter() - started if cold else None)
 
-    async def _try(self, urls: list[str], request: Outgoing, fn: FunctionRecord) -> httpx.Response | None:
+    async def _wake(self, fn: FunctionRecord) -> None:
+        for listener in self._listeners:
+            listener(fn)
+        await self._signal_wake(fn)
+
+    async def _try(
+        self, urls: list[str], request: Outgoing, fn: FunctionRecord, timeout: float
+    ) -> httpx.Response | None:
         """The first answer from a replica behind URLS, or None when none has an endpoint yet."""
         assert self._http is not None
         for url in urls:
             try:
                 response = await self._http.post(
-                    url, content=request.body, headers=request.headers, timeout=request.timeout_s
+                    url, content=request.body, headers=request.headers, timeout=timeout
                 )
             except httpx.TimeoutException:
                 raise GatewayTimeout(

@@ -47,6 +47,8 @@ class ClusterConfig:
     """Where KEDA reaches our external scaler (gRPC)."""
     scaler_wake_url: str = "http://paddlefn-scaler.paddlefn-system.svc.cluster.local:8091"
     """Where the gateway posts wake signals."""
+    scaler_wake_token: str = ""
+    """Bearer token for wake signals (the scaler's PADDLEFN_SCALER_WAKE_TOKEN); empty: none."""
     function_url: str = "http://{service}.{namespace}.svc.cluster.local"
     """How the gateway reaches a function's service ({service}, {namespace}); e.g. via Knative's local gateway."""
     storage_class: str = ""

@@ -195,3 +195,46 @@ def test_a_function_that_does_not_wake_in_time_is_a_504(
     with pytest.raises(GatewayTimeout, match=r"cold-start timeout of 0\.3 s"):
         run(backend, lambda b: b.forward(record(), outgoing(cold_start_timeout_s=0.3)))
     assert scaler.service.board.is_active(("acme", "classify"))
+
+
+class _ReplicaAndScaler(_Replica):
+    """One server for both: a replica that answers and a scaler's wake endpoint that counts."""
+
+    wakes: list[str] = []
+
+    def do_POST(self) -> None:
+        if self.path.startswith("/v1/wake/"):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            type(self).wakes.append(self.path)
+            self.send_response(202)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        super().do_POST()
+
+
+def test_a_function_that_may_be_asleep_is_woken_before_the_request_and_one_that_just_answered_is_not(
+    apiserver: StandInApiServer,
+) -> None:
+    _ReplicaAndScaler.wakes = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ReplicaAndScaler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    backend = backend_for(apiserver, function_url=url + "/{namespace}/{service}", scaler_wake_url=url)
+    fn = record(idle_timeout_s=0.3)
+
+    async def later(b: KnativeBackend) -> Any:
+        await asyncio.sleep(0.4)  # past the idle timeout: KEDA may have put it to sleep meanwhile
+        return await b.forward(fn, outgoing())
+
+    try:
+        first, second, third = run(
+            backend, lambda b: b.forward(fn, outgoing()), lambda b: b.forward(fn, outgoing()), later
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert _ReplicaAndScaler.wakes == ["/v1/wake/acme/classify"] * 2  # before the first and the third
+    assert first.cold_start_s is not None and second.cold_start_s is None and third.cold_start_s is not None
