@@ -38,7 +38,7 @@ from scaler.policy import Scaling
 from scaler.prometheus import PrometheusSource, build_query, parse
 from scaler.proto import externalscaler_pb2 as pb
 from scaler.proto import externalscaler_pb2_grpc as pb_grpc
-from scaler.service import ScalerService
+from scaler.service import ScalerService, paused_gc
 from scaler.settings import ScalerSettings
 
 SELECTOR = 'job="paddlefn-gateway"'
@@ -54,9 +54,10 @@ def answer(busy: list[Key], rng: random.Random) -> bytes:
     now = time.time()
     result: list[dict[str, Any]] = []
     for tenant, fn in busy:
+        waiting = rng.randint(1, 3) if rng.random() < 0.05 else 0  # requests wait only during cold starts
         values = (
             ("in_flight", rng.randint(1, 8)),
-            ("pending", rng.randint(0, 2)),
+            ("pending", waiting),
             ("recent", rng.randint(1, 50)),
         )
         for series, value in values:
@@ -118,17 +119,19 @@ def measure_ticks(keys: list[Key], ticks: int, busy_share: float) -> dict[str, A
     # The scaler's own CPU in a fetch, without the stand-in's HTTP serving (a real Prometheus is Go, not Python).
     decode_s = []
     for body in bodies[1:]:
-        t0 = time.perf_counter()
-        parse(json.loads(body)["data"]["result"])
-        decode_s.append(time.perf_counter() - t0)
+        with paused_gc():
+            t0 = time.perf_counter()
+            parse(json.loads(body)["data"]["result"])
+            decode_s.append(time.perf_counter() - t0)
     try:
         board.observe(source.fetch(), now=0.0)  # warm-up: first sight of every function
         for i in range(ticks):
-            t0 = time.perf_counter()
-            samples = source.fetch()
-            t1 = time.perf_counter()
-            board.observe(samples, now=float(i + 1))
-            t2 = time.perf_counter()
+            with paused_gc():  # as ScalerService.step does
+                t0 = time.perf_counter()
+                samples = source.fetch()
+                t1 = time.perf_counter()
+                board.observe(samples, now=float(i + 1))
+                t2 = time.perf_counter()
             fetch_s.append(t1 - t0)
             observe_s.append(t2 - t1)
             total_s.append(t2 - t0)

@@ -40,20 +40,28 @@ def build_query(selector: str = "", window_s: float = 30.0) -> str:
     return " or ".join(parts)
 
 
+_SLOT = {tag: i for i, tag in enumerate(SERIES)}  # position of each series in Sample's fields
+
+
 def parse(result: Iterable[Mapping[str, Any]]) -> dict[Key, Sample]:
     """Samples by (tenant, function) from the ``data.result`` of an instant vector query."""
-    values: dict[Key, dict[str, float]] = {}
+    # Runs over tens of thousands of items per tick in the worst case: plain lists, no per-item dicts.
+    rows: dict[Key, list[float]] = {}
     for item in result:
-        labels = item.get("metric", {})
-        tenant, function, tag = labels.get("tenant"), labels.get("function"), labels.get("series")
-        if not tenant or not function or tag not in SERIES:
+        labels = item.get("metric") or {}
+        slot = _SLOT.get(labels.get("series", ""))
+        tenant, function = labels.get("tenant"), labels.get("function")
+        if slot is None or not tenant or not function:
             continue  # series from something else that happens to share the name
         try:
             value = float(item["value"][1])
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise SourceError(f"unexpected sample in Prometheus' answer: {item!r}") from exc
-        values.setdefault((tenant, function), {})[tag] = value if value == value else 0.0  # NaN -> 0
-    return {key: Sample(**fields) for key, fields in values.items()}
+        row = rows.get((tenant, function))
+        if row is None:
+            row = rows[(tenant, function)] = [0.0, 0.0, 0.0]
+        row[slot] = value if value == value else 0.0  # NaN -> 0
+    return {key: Sample(*row) for key, row in rows.items()}
 
 
 class PrometheusSource:
