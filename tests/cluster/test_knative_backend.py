@@ -222,10 +222,10 @@ def test_a_function_that_may_be_asleep_is_woken_before_the_request_and_one_that_
     thread.start()
     url = f"http://127.0.0.1:{server.server_port}"
     backend = backend_for(apiserver, function_url=url + "/{namespace}/{service}", scaler_wake_url=url)
-    fn = record(idle_timeout_s=0.3)
+    fn = record(idle_timeout_s=1.5)  # long enough that a loaded CI machine does the second request in time
 
     async def later(b: KnativeBackend) -> Any:
-        await asyncio.sleep(0.4)  # past the idle timeout: KEDA may have put it to sleep meanwhile
+        await asyncio.sleep(1.6)  # past the idle timeout: KEDA may have put it to sleep meanwhile
         return await b.forward(fn, outgoing())
 
     try:
