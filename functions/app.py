@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from functions import api, gateway
+from functions import api, edge, gateway, stats, ui
 from functions.billing import routes as billing_routes
 from functions.errors import install_error_handlers
 from functions.platform import Platform
@@ -43,6 +43,9 @@ def create_app(
     install_error_handlers(app)
     app.include_router(api.router)
     app.include_router(billing_routes.router)
+    app.include_router(edge.router)
+    app.include_router(stats.router)
+    ui.mount(app)
     for route in gateway.routes():
         app.router.routes.append(route)
 
