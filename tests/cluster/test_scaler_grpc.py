@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -14,6 +19,7 @@ from scaler.activity import Sample
 from scaler.proto import externalscaler_pb2 as pb
 from scaler.proto import externalscaler_pb2_grpc as pb_grpc
 from tests.cluster.conftest import FakeSource, ScalerThread, wait_until
+from tests.conftest import free_port
 
 FN = ("acme", "classify")
 METADATA = {"scalerAddress": "ignored", "tenant": "acme", "function": "classify", "target": "4"}
@@ -122,3 +128,39 @@ def test_a_failing_metric_source_does_not_stop_the_scaler(
     wait_until(lambda: source.fetches >= 3, 5, "ticks to go on after failures")
     with grpc.insecure_channel(service.grpc_target) as channel:
         assert pb_grpc.ExternalScalerStub(channel).IsActive(ref()).result is False
+
+
+def test_python_m_scaler_serves_keda_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    grpc_port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PADDLEFN_SCALER_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
+        "PADDLEFN_SCALER_HTTP_HOST": "127.0.0.1",
+        "PADDLEFN_SCALER_HTTP_PORT": str(http_port),
+        "PADDLEFN_SCALER_PROMETHEUS_URL": f"http://127.0.0.1:{free_port()}",  # nobody there: ticks fail, logged
+        "PADDLEFN_SCALER_TICK_S": "0.2",
+    }
+    log = tmp_path / "scaler.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "scaler"], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+
+        def healthy() -> bool:
+            assert process.poll() is None, log.read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(healthy, 30, "python -m scaler to listen")
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            assert pb_grpc.ExternalScalerStub(channel).IsActive(ref()).result is False
+        assert httpx.post(f"http://127.0.0.1:{http_port}/v1/wake/acme/classify").status_code == 202
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            assert pb_grpc.ExternalScalerStub(channel).IsActive(ref()).result is True
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0, log.read_text()
+    assert "scaler tick failed" in log.read_text()  # an unreachable Prometheus is logged, not fatal
