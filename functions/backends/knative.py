@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -236,14 +237,22 @@ class KnativeBackend:
     async def deployed(self, fn: FunctionRecord) -> None:
         if fn.tenant not in self._tenants:
             await self.ensure_tenant(fn.tenant)
-        for obj in function_objects(spec_of(fn, self.settings), self.config):
+        spec = spec_of(fn, self.settings)
+        wanted = function_objects(spec, self.config)
+        for obj in wanted:
             await asyncio.to_thread(self.kube.apply, obj)
+        # A new version without a Lite model must not leave the old version's Lite service answering.
+        names = {(o["kind"], o["metadata"]["name"]) for o in wanted}
+        for obj in function_objects(replace(spec, lite=True), self.config):
+            if (obj["kind"], obj["metadata"]["name"]) not in names:
+                await asyncio.to_thread(self.kube.delete, obj)
 
     async def reconfigured(self, fn: FunctionRecord) -> None:
         await self.deployed(fn)  # apply is create-or-update; Knative rolls a new revision when it must
 
     async def removed(self, fn: FunctionRecord) -> None:
-        for obj in reversed(function_objects(spec_of(fn, self.settings), self.config)):
+        everything = replace(spec_of(fn, self.settings), lite=True)  # whatever an earlier version had
+        for obj in reversed(function_objects(everything, self.config)):
             await asyncio.to_thread(self.kube.delete, obj)
         self._last_answer.pop(fn.key, None)
 

@@ -238,3 +238,19 @@ def test_a_function_that_may_be_asleep_is_woken_before_the_request_and_one_that_
         thread.join(5)
     assert _ReplicaAndScaler.wakes == ["/v1/wake/acme/classify"] * 2  # before the first and the third
     assert first.cold_start_s is not None and second.cold_start_s is None and third.cold_start_s is not None
+
+
+def test_a_new_version_without_a_lite_model_removes_the_old_lite_service(apiserver: StandInApiServer) -> None:
+    from runtime.spec import Manifest, ModelSpec
+
+    def with_lite(available: bool) -> FunctionRecord:
+        fn = record()
+        fn.manifest = Manifest("legacy", "model.pdmodel", "model.pdiparams", False, "cpu", ModelSpec((), ()), "3.3.1",
+                               lite={"available": available})  # fmt: skip
+        return fn
+
+    run(backend_for(apiserver), lambda b: b.deployed(with_lite(True)))
+    assert ("Service", "t-acme", "classify-lite") in apiserver.kinds()
+    run(backend_for(apiserver), lambda b: b.reconfigured(with_lite(False)))
+    assert ("Service", "t-acme", "classify-lite") not in apiserver.kinds()
+    assert ("Service", "t-acme", "classify") in apiserver.kinds()
