@@ -48,11 +48,10 @@ def test_is_active_follows_traffic_seen_by_the_metric_source(
     assert stub.IsActive(ref()).result is False
     source.samples[FN] = Sample(in_flight=6, recent=3)
     wait_until(lambda: stub.IsActive(ref()).result, 5, "IsActive after traffic")
-    metrics = stub.GetMetrics(
-        pb.GetMetricsRequest(scaledObjectRef=ref(), metricName="s0-paddlefn-concurrency")
-    )
+    # KEDA strips its "s0-" prefix before asking (external_scaler.go: RemoveIndexFromMetricName).
+    metrics = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref(), metricName="paddlefn-concurrency"))
     assert [(v.metricName, v.metricValue, v.metricValueFloat) for v in metrics.metricValues] == [
-        ("s0-paddlefn-concurrency", 6, 6.0)
+        ("paddlefn-concurrency", 6, 6.0)
     ]
 
 
@@ -164,3 +163,18 @@ def test_python_m_scaler_serves_keda_and_stops_cleanly_on_sigterm(tmp_path: Path
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0, log.read_text()
     assert "scaler tick failed" in log.read_text()  # an unreachable Prometheus is logged, not fatal
+
+
+def test_methods_of_newer_keda_that_we_leave_out_are_unimplemented(
+    scaler: tuple[ScalerThread, FakeSource],
+) -> None:
+    # KEDA >= 2.17 tries StreamMetricSpec and falls back to GetMetricSpec on UNIMPLEMENTED.
+    with grpc.insecure_channel(scaler[0].grpc_target) as channel:
+        call = channel.unary_stream(
+            "/externalscaler.ExternalScaler/StreamMetricSpec",
+            request_serializer=pb.ScaledObjectRef.SerializeToString,
+            response_deserializer=pb.GetMetricSpecResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            list(call(ref()))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
