@@ -20,6 +20,8 @@ from rich.table import Table
 
 from functions.client import Client, ClientError
 from functions.settings import Settings, parse_duration
+from functions.status_view import hint, snapshot, wait_for_deploy, watch
+from functions.status_view import render as render_status
 
 app = typer.Typer(help="Serverless inference for PaddlePaddle models.", no_args_is_help=True)
 tenants_app = typer.Typer(help="Create, list and delete tenants (admin key).", no_args_is_help=True)
@@ -258,13 +260,13 @@ def deploy(
             client.deploy(
                 tenant, name, model, settings, progress=lambda d, t: bar.update(task, completed=d, total=t)
             )
-        if wait:
-            with err.status("optimising and running the golden check...", spinner="dots"):
-                fn = client.wait_deployed(tenant, name)
-        else:
-            fn = client.function(tenant, name)
+        fn = (
+            wait_for_deploy(client, tenant, name, err, quiet=as_json)
+            if wait
+            else client.function(tenant, name)
+        )
     except ClientError as exc:
-        raise _fail(exc.message) from None
+        raise _fail(hint(exc)) from None
     finally:
         client.close()
     if as_json:
@@ -286,11 +288,37 @@ def functions_list(tenant: str, url: UrlOpt = "", key: KeyOpt = "", as_json: Jso
 
 @functions_app.command("show")
 def functions_show(
-    ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")], url: UrlOpt = "", key: KeyOpt = ""
+    ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")],
+    url: UrlOpt = "",
+    key: KeyOpt = "",
+    as_json: Annotated[bool, typer.Option("--json", help="print compact JSON (one line)")] = False,
 ) -> None:
     """Show one function in full (JSON)."""
     tenant, name = _split(ref)
-    print(json.dumps(_call(lambda c: c.function(tenant, name), url, key), indent=2))
+    fn = _call(lambda c: c.function(tenant, name), url, key)
+    print(json.dumps(fn) if as_json else json.dumps(fn, indent=2))
+
+
+@functions_app.command("stats")
+def functions_stats(
+    ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")],
+    minutes: Annotated[int, typer.Option(help="how many minutes back")] = 15,
+    url: UrlOpt = "",
+    key: KeyOpt = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-minute requests, errors, cold starts, p50/p99 latency and engines (minutes with requests)."""
+    tenant, name = _split(ref)
+    stats = _call(lambda c: c.stats(tenant, name, minutes), url, key)
+    if as_json:
+        print(json.dumps(stats))
+        return
+    rows = [
+        {**b, "engines": [f"{e} {n}" for e, n in b["engines"].items()]}
+        for b in stats["buckets"]
+        if b["requests"]
+    ]
+    _table(rows, ["t", "requests", "errors", "cold_starts", "p50_ms", "p99_ms", "engines"], False)
 
 
 @functions_app.command("update")
@@ -367,6 +395,47 @@ def _example_body(model_dir: Path) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------ status
+
+
+@app.command()
+def status(
+    tenant: Annotated[
+        str | None, typer.Argument(help="tenant [default: the key's, or all for the admin key]")
+    ] = None,
+    once: Annotated[bool, typer.Option("--once", help="print the table once and exit")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 2.0,
+    url: UrlOpt = "",
+    key: KeyOpt = "",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON snapshot and exit")] = False,
+) -> None:
+    """Functions with their state, replicas and last request, as a live table (capacity too, for the admin)."""
+    client = _client(url, key)
+    try:
+        first = snapshot(client, tenant)
+        if as_json:
+            print(json.dumps(first))
+        elif once or not console.is_terminal:
+            console.print(render_status(first))
+        else:
+            watch(client, tenant, console, max(interval, 0.2), first=first)
+    except ClientError as exc:
+        raise _fail(hint(exc)) from None
+    finally:
+        client.close()
+
+
+@app.command()
+def whoami(url: UrlOpt = "", key: KeyOpt = "", as_json: JsonOpt = False) -> None:
+    """Which tenant (or admin) the key belongs to, and its scopes."""
+    who = _call(lambda c: c.whoami(), url, key)
+    if as_json:
+        print(json.dumps(who))
+        return
+    role = "admin" if who["admin"] else f"tenant {who['tenant']}"
+    console.print(f"key {who['key_id']}: {role}, scopes {', '.join(who['scopes'])}")
+
+
 # ------------------------------------------------------------------ billing
 
 
@@ -431,7 +500,7 @@ def _call(action: Any, url: str, key: str) -> Any:
     try:
         return action(client)
     except ClientError as exc:
-        raise _fail(exc.message) from None
+        raise _fail(hint(exc)) from None
     finally:
         client.close()
 

@@ -108,6 +108,18 @@ class Client:
     def infer(self, tenant: str, name: str, body: dict[str, Any]) -> Any:
         return self.request("POST", f"/t/{tenant}/v2/models/{name}/infer", json=body)
 
+    # who the key is, capacity, per-minute stats
+    def whoami(self) -> Any:
+        return self.request("GET", "/v1/whoami")
+
+    def capacity(self) -> Any:
+        return self.request("GET", "/v1/capacity")
+
+    def stats(self, tenant: str, name: str, minutes: int = 60) -> Any:
+        return self.request(
+            "GET", f"/v1/tenants/{tenant}/functions/{name}/stats", params={"minutes": minutes}
+        )
+
     # billing
     def usage(self, tenant: str, start: str | None, end: str | None, group_by: str) -> Any:
         params = {k: v for k, v in (("start", start), ("end", end), ("group_by", group_by)) if v}
