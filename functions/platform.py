@@ -535,7 +535,7 @@ class Platform:
             "name": fn.name,
             "tenant": fn.tenant,
             "status": fn.status,
-            "state": _state(fn, replicas),
+            "state": _state(fn, replicas, len(self.backend.replica_info(fn))),
             "replicas": replicas,
             "url": f"{self.settings.base_url}/t/{fn.tenant}/v2/models/{fn.name}",
             "host_url": f"http://{fn.name}.{fn.tenant}.{self.settings.domain}:{self.settings.port}/v2/models/{fn.name}",
@@ -560,10 +560,13 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _state(fn: FunctionRecord, replicas: int) -> str:
+def _state(fn: FunctionRecord, replicas: int, ready: int) -> str:
+    """deploying | failed | asleep (no replica) | waking (replicas starting, none ready yet) | warm."""
     if fn.status != READY:
         return fn.status
-    return "asleep" if replicas == 0 else "warm"
+    if replicas == 0:
+        return "asleep"
+    return "warm" if ready else "waking"
 
 
 def _principal(row: ApiKey, tenant: str | None) -> Principal:

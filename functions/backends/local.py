@@ -257,7 +257,9 @@ class LocalBackend:
         return params
 
     def _cold_timeout(self, fn: FunctionRecord) -> float:
-        return fn.config.cold_start_timeout_s or self.settings.cold_start_timeout_s
+        """How long a replica may take to load. Never shorter than the platform's default: a request that gave
+        up waiting (504) does not abandon the wake-up, so the next request finds the function warm."""
+        return max(fn.config.cold_start_timeout_s or 0.0, self.settings.cold_start_timeout_s)
 
     async def forward(self, fn: FunctionRecord, request: Outgoing) -> Forwarded:
         rs = self._set(fn)
