@@ -40,7 +40,7 @@ def unpack(archive: IO[bytes], dest: Path, limits: Limits) -> None:
         else:
             archive.seek(0)
             try:
-                tar = tarfile.open(fileobj=archive, mode="r:*")
+                tar = tarfile.open(fileobj=archive, mode="r:*")  # noqa: SIM115 (closed by `with tar` below)
             except (tarfile.TarError, OSError, EOFError, *_CORRUPT):
                 raise BadRequest(
                     "the model archive is neither a .tar.gz, .tar nor a .zip file, or it is truncated"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -83,7 +85,5 @@ class Metrics:
         for metric in (
             self.latency, self.cold_starts, self.cold_start_duration, self.in_flight, self.pending, self.replicas
         ):  # fmt: skip
-            try:
+            with contextlib.suppress(KeyError):
                 metric.remove(tenant, function)
-            except KeyError:
-                pass

@@ -44,7 +44,7 @@ def warm_up_device(use_gpu: bool) -> None:
     """Bring the device up before any model arrives: on a GPU, the CUDA context and cuBLAS/cuDNN handles
     take most of a cold start (~0.8 s of 0.9 s on an H100), so a pre-warmed worker runs a first tiny kernel."""
     import paddle
-    import paddle.inference  # noqa: F401  (loads the inference library's code paths ahead of time)
+    import paddle.inference
 
     if use_gpu:
         paddle.set_device("gpu:0")

@@ -42,7 +42,8 @@ def build(name: str, out: Path, *, fmt: str = "legacy", seed: int = 0) -> Path:
         result = layer(*[paddle.to_tensor(inputs[s.name]) for s in specs])
     results = result if isinstance(result, (list, tuple)) else [result]
     np.savez(out / "example_inputs.npz", **inputs)
-    np.savez(out / "example_outputs.npz", **dict(zip(_output_names(out, fmt), [r.numpy() for r in results], strict=True)))
+    outputs = dict(zip(_output_names(out, fmt), [r.numpy() for r in results], strict=True))
+    np.savez(out / "example_outputs.npz", **outputs)
     for leftover in out.glob("*.pdiparams.info"):
         leftover.unlink()
     return out
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     # The program format is chosen when Paddle is imported, so this must come first.
-    os.environ["FLAGS_enable_pir_api"] = "0" if args.format == "legacy" else "1"
+    os.environ["FLAGS_enable_pir_api"] = "0" if args.format == "legacy" else "1"  # noqa: SIM112 (Paddle's spelling)
     os.environ.setdefault("GLOG_minloglevel", "2")
     build(args.name, args.out, fmt=args.format, seed=args.seed)
     print(args.out)

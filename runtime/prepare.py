@@ -62,13 +62,16 @@ def prepare(src: Path, out: Path, *, device: str = "auto", batching: bool = Fals
 
     has_gpu = cuda_available()
     if device == "gpu" and not has_gpu:
-        raise PrepareError("device=gpu was asked for but this platform has no GPU; deploy with device cpu or auto")
+        raise PrepareError(
+            "device=gpu was asked for but this platform has no GPU; deploy with device cpu or auto"
+        )
     use_gpu = device == "gpu" or (device == "auto" and has_gpu)
     spec = read_spec(files)
     if batching and not spec.batchable:
         fixed = [t.describe() for t in spec.inputs + spec.outputs if not t.shape or t.shape[0] >= 0]
         raise PrepareError(
-            "batching needs a free first (batch) dimension on every input and output; fixed: " + ", ".join(fixed)
+            "batching needs a free first (batch) dimension on every input and output; fixed: "
+            + ", ".join(fixed)
         )
     golden_inputs = _golden_inputs(files, spec)
 
@@ -187,7 +190,9 @@ def _legacy_spec(program: Path) -> ModelSpec:
         else:
             fetches.append((col, tensor(op.inputs[0].arguments[0])))
     if not feeds or not fetches:
-        raise PrepareError(f"{program.name} has no feed/fetch ops: save it with paddle.jit.save for inference")
+        raise PrepareError(
+            f"{program.name} has no feed/fetch ops: save it with paddle.jit.save for inference"
+        )
     return ModelSpec(tuple(t for _, t in sorted(feeds)), tuple(t for _, t in sorted(fetches)))
 
 
@@ -204,17 +209,22 @@ def _pir_spec(files: ModelFiles) -> ModelSpec:
         for op in program.global_block().ops:
             attrs = op.attrs()
             if op.name() == "pd_op.data":
-                inputs.append(TensorSpec(attrs["name"], oip_datatype(_paddle_dtype(attrs["dtype"])), tuple(attrs["shape"])))
+                datatype = oip_datatype(_paddle_dtype(attrs["dtype"]))
+                inputs.append(TensorSpec(attrs["name"], datatype, tuple(attrs["shape"])))
             elif op.name() == "pd_op.fetch":
                 fetch_names[int(attrs["col"])] = attrs["name"]
         outputs = tuple(
-            TensorSpec(fetch_names.get(i, f"fetch_name_{i}"), oip_datatype(_paddle_dtype(v.dtype)), tuple(v.shape))
+            TensorSpec(
+                fetch_names.get(i, f"fetch_name_{i}"), oip_datatype(_paddle_dtype(v.dtype)), tuple(v.shape)
+            )
             for i, v in enumerate(fetch_targets)
         )
     except PrepareError:
         raise
     except Exception as exc:
-        raise PrepareError(f"{files.program.name} is not a readable Paddle 3 (PIR) program: {_short(exc)}") from None
+        raise PrepareError(
+            f"{files.program.name} is not a readable Paddle 3 (PIR) program: {_short(exc)}"
+        ) from None
     finally:
         paddle.disable_static()
     return ModelSpec(tuple(inputs), outputs)
@@ -371,7 +381,9 @@ def max_abs_error(outputs: Outputs, reference: Outputs) -> float:
     return max(errors, default=0.0)
 
 
-def _check_batching(run: Callable[[dict[str, np.ndarray]], Outputs], inputs: dict[str, np.ndarray], single: Outputs) -> None:
+def _check_batching(
+    run: Callable[[dict[str, np.ndarray]], Outputs], inputs: dict[str, np.ndarray], single: Outputs
+) -> None:
     doubled = run({n: np.concatenate([a, a]) for n, a in inputs.items()})
     for name, one in single.items():
         two = doubled[name]
@@ -411,7 +423,9 @@ def _inputs_origin(files: ModelFiles) -> str:
 
 def _short(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    picked = next((ln for ln in lines if "Error" in ln or "error" in ln), lines[0] if lines else type(exc).__name__)
+    picked = next(
+        (ln for ln in lines if "Error" in ln or "error" in ln), lines[0] if lines else type(exc).__name__
+    )
     return picked[:400]
 
 

@@ -391,10 +391,8 @@ def main(argv: list[str] | None = None) -> None:
                 pipe.write(json.dumps(ready) + "\n")
         await server.serve(sockets=[sock])
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
     sys.exit(0)
 
 

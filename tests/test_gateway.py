@@ -45,10 +45,14 @@ def test_tritonclient_works_unchanged_with_the_tenant_base_url(platform, models,
 def test_functions_answer_at_their_host_name_too(platform, models, acme):
     inputs, expected = example(models["mlp"])
     r = acme.http.post(
-        "/v2/models/classify/infer", json=oip_body(inputs), headers={"host": f"classify.acme.fn.localhost:{platform.port}"}
+        "/v2/models/classify/infer",
+        json=oip_body(inputs),
+        headers={"host": f"classify.acme.fn.localhost:{platform.port}"},
     )
     assert r.status_code == 200, r.text
-    np.testing.assert_allclose(outputs_of(r.json())["softmax_0.tmp_0"], expected["softmax_0.tmp_0"], rtol=1e-5)
+    np.testing.assert_allclose(
+        outputs_of(r.json())["softmax_0.tmp_0"], expected["softmax_0.tmp_0"], rtol=1e-5
+    )
     wrong = acme.http.post(
         "/v2/models/multi/infer", json=oip_body(inputs), headers={"host": "classify.acme.fn.localhost"}
     )
@@ -83,7 +87,8 @@ def test_a_bad_tensor_gets_a_400_that_names_it_and_the_expected_spec(acme, body,
 
 
 def test_malformed_json_is_a_400(acme):
-    r = acme.http.post("/t/acme/v2/models/classify/infer", content=b"{not json", headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    r = acme.http.post("/t/acme/v2/models/classify/infer", content=b"{not json", headers=headers)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]
 
 

@@ -99,7 +99,7 @@ def test_a_model_over_its_memory_limit_fails_alone_with_a_clear_error(platform_f
     assert r.status_code == 507, r.text
     assert "ran out of memory" in r.json()["error"] and "smaller batch" in r.json()["error"]
 
-    inputs, expected = example(mobilenet)
+    inputs, _ = example(mobilenet)
     small = acme.http.post("/t/acme/v2/models/vision/infer", json=oip_body(inputs))
     assert small.status_code == 200  # the same worker goes on serving
     other = globex.http.post("/t/globex/v2/models/classify/infer", json=oip_body(example(models["mlp"])[0]))

@@ -8,8 +8,8 @@ from typing import Any
 
 from functions.billing import invoices
 from functions.billing.ledger import Ledger, period_of
-from functions.plans import PlanBook
 from functions.errors import BadRequest
+from functions.plans import PlanBook
 from functions.store.models import utcnow
 
 
