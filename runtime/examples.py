@@ -41,7 +41,7 @@ def build(name: str, out: Path, *, fmt: str = "legacy", seed: int = 0) -> Path:
     with paddle.no_grad():
         result = layer(*[paddle.to_tensor(inputs[s.name]) for s in specs])
     results = result if isinstance(result, (list, tuple)) else [result]
-    np.savez(out / "example_inputs.npz", **inputs)
+    np.savez(out / "example_inputs.npz", **inputs)  # type: ignore[arg-type]  # numpy stubs: **kwds vs allow_pickle
     outputs = dict(zip(_output_names(out, fmt), [r.numpy() for r in results], strict=True))
     np.savez(out / "example_outputs.npz", **outputs)
     for leftover in out.glob("*.pdiparams.info"):
@@ -67,7 +67,7 @@ def _output_names(out: Path, fmt: str) -> list[str]:
         return [cols[i] for i in sorted(cols)]
     from paddle.base.proto import framework_pb2
 
-    desc = framework_pb2.ProgramDesc()
+    desc = framework_pb2.ProgramDesc()  # type: ignore[attr-defined]  # generated protobuf module
     desc.ParseFromString((out / "model.pdmodel").read_bytes())
     fetch = sorted(
         (next(a.i for a in op.attrs if a.name == "col"), op.inputs[0].arguments[0])

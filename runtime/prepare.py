@@ -110,8 +110,8 @@ def prepare(src: Path, out: Path, *, device: str = "auto", batching: bool = Fals
         _check_batching(_runner(chosen, use_gpu), golden_inputs, outputs)
 
     program, params = _install(chosen, out)
-    np.savez(out / GOLDEN_INPUTS, **golden_inputs)
-    np.savez(out / GOLDEN_OUTPUTS, **reference)
+    np.savez(out / GOLDEN_INPUTS, **golden_inputs)  # type: ignore[arg-type]  # numpy stubs: **kwds vs allow_pickle
+    np.savez(out / GOLDEN_OUTPUTS, **reference)  # type: ignore[arg-type]
     manifest = Manifest(
         format=files.format,
         program=program,
@@ -161,7 +161,7 @@ def read_spec(files: ModelFiles) -> ModelSpec:
 def _legacy_spec(program: Path) -> ModelSpec:
     from paddle.base.proto import framework_pb2
 
-    desc = framework_pb2.ProgramDesc()
+    desc = framework_pb2.ProgramDesc()  # type: ignore[attr-defined]  # generated protobuf module
     try:
         desc.ParseFromString(program.read_bytes())
     except Exception as exc:
@@ -173,7 +173,7 @@ def _legacy_spec(program: Path) -> ModelSpec:
         var_type = variables[name].type
         # Paddle 3 calls the field dense_tensor; Paddle 2 called it lod_tensor.
         holder = var_type.dense_tensor if var_type.HasField("dense_tensor") else var_type.lod_tensor
-        dtype_name = framework_pb2.VarType.Type.Name(holder.tensor.data_type).lower()
+        dtype_name = framework_pb2.VarType.Type.Name(holder.tensor.data_type).lower()  # type: ignore[attr-defined]
         numpy_name = {"fp16": "float16", "fp32": "float32", "fp64": "float64", "bool": "bool"}.get(
             dtype_name, dtype_name
         )

@@ -38,7 +38,7 @@ def build(
 ) -> dict[str, Any]:
     """The invoice document (amounts in micro-units, plus formatted strings for people)."""
     start, end = parse_period(period)
-    items = []
+    items: list[dict[str, Any]] = []
     for line in lines:
         requests = request_charge(line.requests, prices)
         compute = compute_charge(line.billed_ms, line.device, prices)
