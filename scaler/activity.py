@@ -20,14 +20,12 @@ from plain data, with time passed in as ``now`` so every rule is testable with a
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from scaler.policy import Load, Scaling, State, decide
 
 Key = tuple[str, str]  # (tenant, function)
-IDLE = Load()
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,7 @@ class Sample:
 class Entry:
     scaling: Scaling  # as the ScaledObject states it, resolved for 0 <-> 1 (see Board.configure)
     last_request_at: float | None = None
-    load: Load = field(default_factory=Load)
+    concurrency: float = 0.0  # requests in flight, waiting included, at the last tick (KEDA's HPA metric)
     state: State = field(default_factory=State)
     active: bool = False
     watchers: set[asyncio.Queue[bool]] = field(default_factory=set)
@@ -80,32 +78,33 @@ class Board:
 
     def observe(self, samples: Mapping[Key, Sample], now: float) -> None:
         """Take one tick's samples; a function absent from them has no load (its series went stale)."""
+        busy: set[Key] = set()
         for key, sample in samples.items():
             entry = self._entry(key)
-            answered = sample.recent > 0
-            if answered or sample.in_flight > 0 or sample.pending > 0:
+            entry.concurrency = max(sample.in_flight, sample.pending, 0.0)  # in flight counts the waiting too
+            # Requests answered lately are demand too: something served them, and KEDA must not let its
+            # cooldown run out under traffic too quick to be seen in flight. With demand, the policy always
+            # wants at least one replica (test_demand_always_wants_a_replica checks it against
+            # scaler.policy.decide), so the tick need not ask it for the busy functions: active, clock restarted.
+            if entry.concurrency > 0 or sample.recent > 0:
                 entry.last_request_at = now
-            waiting = max(sample.pending, 0.0)
-            serving = max(sample.in_flight - waiting, 0.0)
-            entry.load = Load(
-                in_flight=math.ceil(serving),
-                pending=math.ceil(waiting),
-                # Requests answered since the last tick are demand too: something served them, and KEDA must
-                # not let its cooldown run out under traffic that is too quick to be seen in flight.
-                peak=max(math.ceil(serving + waiting), 1 if answered else 0),
-                seconds_since_request=None if entry.last_request_at is None else now - entry.last_request_at,
-            )
+                entry.state = State(now)
+                self._set_active(entry, True)
+                busy.add(key)
         for key, entry in self._entries.items():
+            if key in busy:
+                continue
             if key not in samples:
-                if not entry.active and entry.scaling.min_scale == 0:
-                    entry.load = IDLE  # asleep and nothing happened: nothing to decide
-                    continue
-                since = None if entry.last_request_at is None else now - entry.last_request_at
-                entry.load = Load(seconds_since_request=since)
+                entry.concurrency = 0.0
+            if not entry.active and entry.scaling.min_scale == 0:
+                continue  # asleep and nothing happened: nothing to decide (the tick's cost follows the busy)
             self._decide(entry, now)
 
     def _decide(self, entry: Entry, now: float) -> None:
-        decision = decide(entry.load, entry.scaling, 1 if entry.active else 0, entry.state, now)
+        """Ask the policy about a function without demand: stay up until the idle timeout, or min_scale."""
+        since = None if entry.last_request_at is None else now - entry.last_request_at
+        load = Load(seconds_since_request=since)
+        decision = decide(load, entry.scaling, 1 if entry.active else 0, entry.state, now)
         entry.state = decision.state
         self._set_active(entry, decision.desired > 0)
 
@@ -129,9 +128,7 @@ class Board:
     def demand(self, key: Key) -> float:
         """Concurrent requests (served + waiting): KEDA's HPA divides it by the target to get replicas."""
         entry = self._entries.get(key)
-        if entry is None:
-            return 0.0
-        return float(entry.load.in_flight + entry.load.pending)
+        return entry.concurrency if entry else 0.0
 
     def watch(self, key: Key) -> asyncio.Queue[bool]:
         """A queue that receives every change of KEY's activity; call ``unwatch`` when done."""

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from scaler.activity import Board, Sample
-from scaler.policy import Scaling
+from scaler.policy import Load, Scaling, State, decide
 from scaler.prometheus import SourceError, build_query, parse
 
 FN = ("acme", "classify")
@@ -17,6 +17,23 @@ def board(idle_timeout_s: float = 10.0, window: float = 1.0, min_scale: int = 0)
     b = Board(activity_window_s=window)
     b.configure(FN, Scaling(min_scale=min_scale, idle_timeout_s=idle_timeout_s))
     return b
+
+
+@pytest.mark.parametrize("current", [0, 1])
+@pytest.mark.parametrize("demand", [1, 3, 1000])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        Scaling(),
+        Scaling(min_scale=2, max_scale=2),
+        Scaling(max_scale=1, target=1000),
+        Scaling(idle_timeout_s=0),
+    ],
+)
+def test_demand_always_wants_a_replica(scaling: Scaling, demand: int, current: int) -> None:
+    # The board relies on this to skip asking the policy about busy functions on every tick.
+    for load in (Load(in_flight=demand), Load(peak=demand), Load(pending=demand, seconds_since_request=1e9)):
+        assert decide(load, scaling, current, State(), now=0.0).desired >= 1
 
 
 def test_unknown_function_is_inactive_with_no_demand() -> None:
