@@ -98,6 +98,9 @@ class Board:
                 entry.concurrency = 0.0
             if not entry.active and entry.scaling.min_scale == 0:
                 continue  # asleep and nothing happened: nothing to decide (the tick's cost follows the busy)
+            last = entry.last_request_at
+            if entry.active and last is not None and now - last < entry.scaling.idle_timeout_s:
+                continue  # up and not yet idle for its timeout: the policy keeps it (test_not_yet_idle_stays_up)
             self._decide(entry, now)
 
     def _decide(self, entry: Entry, now: float) -> None:

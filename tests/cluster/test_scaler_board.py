@@ -36,6 +36,16 @@ def test_demand_always_wants_a_replica(scaling: Scaling, demand: int, current: i
         assert decide(load, scaling, current, State(), now=0.0).desired >= 1
 
 
+@pytest.mark.parametrize(
+    "scaling",
+    [Scaling(), Scaling(min_scale=2, max_scale=2), Scaling(idle_timeout_s=5), Scaling(idle_timeout_s=0.5)],
+)
+def test_not_yet_idle_stays_up(scaling: Scaling) -> None:
+    # The board relies on this to skip running functions that are still inside their idle timeout.
+    for since in (0.0, scaling.idle_timeout_s / 2, scaling.idle_timeout_s * 0.999):
+        assert decide(Load(seconds_since_request=since), scaling, 1, State(), now=0.0).desired >= 1
+
+
 def test_unknown_function_is_inactive_with_no_demand() -> None:
     assert not Board().is_active(FN)
     assert Board().demand(FN) == 0.0
