@@ -53,6 +53,7 @@ function showSignIn(message = "") {
   $("sign-in-error").textContent = message;
   document.title = "Sign in · paddlefn";
   $("api-key").focus();
+  $("api-key").select(); // a wrong key is replaced by what is typed next
 }
 
 function signOut(message = "") {
