@@ -79,6 +79,7 @@ class Board:
     def observe(self, samples: Mapping[Key, Sample], now: float) -> None:
         """Take one tick's samples; a function absent from them has no load (its series went stale)."""
         busy: set[Key] = set()
+        fresh = State(now)  # what the policy answers for demand; immutable, so one for the whole tick
         for key, sample in samples.items():
             entry = self._entry(key)
             entry.concurrency = max(sample.in_flight, sample.pending, 0.0)  # in flight counts the waiting too
@@ -88,7 +89,7 @@ class Board:
             # scaler.policy.decide), so the tick need not ask it for the busy functions: active, clock restarted.
             if entry.concurrency > 0 or sample.recent > 0:
                 entry.last_request_at = now
-                entry.state = State(now)
+                entry.state = fresh
                 self._set_active(entry, True)
                 busy.add(key)
         for key, entry in self._entries.items():
