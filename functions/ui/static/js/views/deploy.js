@@ -11,6 +11,8 @@ const STAGES = [
   ["ready", "Ready to serve"],
 ];
 
+const WORDS = { todo: "", active: ": in progress", done: ": done", failed: ": failed" };
+
 function field(id, label, control, hint) {
   return h("div", { class: "row" }, h("label", { for: id }, label), h("div", {}, control,
     hint ? h("div", { class: "hint", id: `${id}-hint` }, hint) : null));
@@ -31,7 +33,7 @@ export function render(container, ctx) {
   const barLabel = h("p", { id: "deploy-progress-label" }, "Deploy progress");
   const stageText = h("p", { id: "deploy-stage", role: "status", "aria-live": "polite" });
   const stages = h("ol", { class: "stages", id: "deploy-stages" },
-    STAGES.map(([key, text]) => h("li", { "data-stage": key, "data-state": "todo" }, text)));
+    STAGES.map(([key, text]) => h("li", { "data-stage": key, "data-state": "todo" }, text, h("span", { class: "stage-state" }))));
   const progress = h("section", { id: "deploy-status", hidden: true, "aria-labelledby": "deploy-status-title" },
     h("h2", { id: "deploy-status-title" }, "Progress"), barLabel, bar, stageText, stages);
   const form = h("form", { id: "deploy-form", novalidate: true },
@@ -48,6 +50,7 @@ export function render(container, ctx) {
       const index = STAGES.findIndex(([k]) => k === li.dataset.stage);
       const at = STAGES.findIndex(([k]) => k === key);
       li.dataset.state = index < at ? "done" : index === at ? state : "todo";
+      li.lastChild.textContent = WORDS[li.dataset.state];
     }
   };
   const say = (text) => {
@@ -109,7 +112,6 @@ export function render(container, ctx) {
       if (fn.status === "ready") {
         bar.value = 100;
         setStage("ready", "done");
-        stages.lastChild.dataset.state = "done";
         say(`${fnName} is ready (${fn.state}).`);
         stageText.append(" ", h("a", { href: `#/functions/${enc(fnName)}`, id: "deploy-open" }, `Open ${fnName}`));
         announce(`${fnName} is ready`);
