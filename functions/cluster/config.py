@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from functions.plans import Limits
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,20 @@ class TenantQuota:
     """Pods at once (replicas of all functions, GPU and Lite)."""
     storage: str = "50Gi"
     """Size of the tenant's model volume."""
+
+
+def quota_from_limits(limits: Limits, base: TenantQuota = TenantQuota()) -> TenantQuota:
+    """A tenant's namespace quota from its plan's limits (functions.plans.Limits): GPUs as many as replicas
+    (none when the plan forbids GPUs), pods for each replica and its Lite stand-in, storage as the plan's."""
+    gib = -(
+        -limits.max_storage_bytes // 2**30
+    )  # rounded up: the quota must not be below what the plan allows
+    return replace(
+        base,
+        gpus=limits.max_replicas if limits.gpu_allowed else 0,
+        pods=max(1, 2 * limits.max_replicas),
+        storage=f"{max(1, gib)}Gi",
+    )
 
 
 @dataclass(frozen=True)

@@ -133,3 +133,15 @@ def test_long_names_stay_valid_and_distinct() -> None:
     long_a, long_b = FunctionSpec("a", "f" * 60 + "abc", "v1"), FunctionSpec("a", "f" * 60 + "abd", "v1")
     names = {service_name(long_a, "gpu"), service_name(long_b, "gpu"), service_name(long_a, "lite")}
     assert len(names) == 3 and all(len(n) <= 46 for n in names)
+
+
+def test_a_tenants_quota_follows_its_plan() -> None:
+    from functions.cluster.config import quota_from_limits
+    from functions.plans import Limits
+
+    quota = quota_from_limits(Limits(max_replicas=3, max_storage_bytes=5 * 2**30 + 1))
+    assert (quota.gpus, quota.pods, quota.storage) == (3, 6, "6Gi")
+    assert quota_from_limits(Limits(gpu_allowed=False)).gpus == 0
+    [_, resource_quota, *_] = tenant_objects("acme", KNATIVE, quota)
+    assert resource_quota["spec"]["hard"]["requests.nvidia.com/gpu"] == "3"
+    validate(resource_quota)
