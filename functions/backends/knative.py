@@ -91,8 +91,9 @@ def _classify(exc: Exception, what: str) -> ClusterError:
     return TemporaryClusterError(f"{what}: {exc}")
 
 
-def spec_of(fn: FunctionRecord, settings: Settings) -> FunctionSpec:
-    """The renderer's view of a function record, with platform defaults filled in."""
+def spec_of(fn: FunctionRecord, settings: Settings, gpu_allowed: bool = True) -> FunctionSpec:
+    """The renderer's view of a function record, with platform defaults filled in; GPU_ALLOWED is the
+    tenant's plan's say (without it, device "auto" runs on CPU, as in the embedded platform)."""
     c = fn.config
     lite = bool(fn.manifest and fn.manifest.lite.get("available"))
     return FunctionSpec(
@@ -109,7 +110,8 @@ def spec_of(fn: FunctionRecord, settings: Settings) -> FunctionSpec:
         max_batch_size=c.batching.max_batch_size if c.batching else 0,
         max_queue_delay_ms=c.batching.max_queue_delay_ms if c.batching else 2.0,
         lite=lite,
-        gpu=c.device != "cpu",  # "auto" asks for a GPU on a cluster: that is what the shared image is for
+        # "auto" asks for a GPU on a cluster (that is what the shared image is for), when the plan allows one.
+        gpu=c.device == "gpu" or (c.device == "auto" and gpu_allowed),
     )
 
 
@@ -237,7 +239,8 @@ class KnativeBackend:
     async def deployed(self, fn: FunctionRecord) -> None:
         if fn.tenant not in self._tenants:
             await self.ensure_tenant(fn.tenant)
-        spec = spec_of(fn, self.settings)
+        quota = self._quota_of(fn.tenant)
+        spec = spec_of(fn, self.settings, gpu_allowed=quota is None or quota.gpus > 0)
         wanted = function_objects(spec, self.config)
         for obj in wanted:
             await asyncio.to_thread(self.kube.apply, obj)

@@ -254,3 +254,16 @@ def test_a_new_version_without_a_lite_model_removes_the_old_lite_service(apiserv
     run(backend_for(apiserver), lambda b: b.reconfigured(with_lite(False)))
     assert ("Service", "t-acme", "classify-lite") not in apiserver.kinds()
     assert ("Service", "t-acme", "classify") in apiserver.kinds()
+
+
+def test_a_tenant_whose_plan_forbids_gpus_gets_cpu_replicas_for_auto(apiserver: StandInApiServer) -> None:
+    from functions.cluster.config import TenantQuota
+
+    backend = backend_for(apiserver)
+    backend._quota_of = lambda tenant: TenantQuota(gpus=0)
+    run(backend, lambda b: b.deployed(record()))
+    service = apiserver.get("serving.knative.dev/v1", "Service", "t-acme", "classify")
+    container = service["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in container["resources"]["requests"]
+    quota = apiserver.get("v1", "ResourceQuota", "t-acme", "paddlefn-quota")
+    assert quota["spec"]["hard"]["requests.nvidia.com/gpu"] == "0"
