@@ -1,6 +1,25 @@
 """Durable state: SQLite by default, any SQLAlchemy URL (PostgreSQL) when configured."""
 
 from functions.store.db import Store
-from functions.store.models import ApiKey, AuditEntry, Function, Invoice, Plan, Tenant, UsageRecord
+from functions.store.models import (
+    ApiKey,
+    AuditEntry,
+    EdgeDevice,
+    Function,
+    Invoice,
+    Plan,
+    Tenant,
+    UsageRecord,
+)
 
-__all__ = ["ApiKey", "AuditEntry", "Function", "Invoice", "Plan", "Store", "Tenant", "UsageRecord"]
+__all__ = [
+    "ApiKey",
+    "AuditEntry",
+    "EdgeDevice",
+    "Function",
+    "Invoice",
+    "Plan",
+    "Store",
+    "Tenant",
+    "UsageRecord",
+]

@@ -147,3 +147,21 @@ class AuditEntry(Base):
     target: Mapped[str] = mapped_column(String(200), default="")
     outcome: Mapped[str] = mapped_column(String(16))  # ok | failed | refused
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class EdgeDevice(Base):
+    """An exported edge bundle's device key (only its hash): it authenticates the bundle's usage uploads."""
+
+    __tablename__ = "edge_devices"
+
+    bundle_id: Mapped[str] = mapped_column(
+        String(16), primary_key=True
+    )  # also in the key: pfe_<bundle id>_...
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    function: Mapped[str] = mapped_column(String(63))  # by name: its usage is billed to it after a redeploy
+    target: Mapped[str] = mapped_column(String(8))  # x86 | arm
+    secret_hash: Mapped[str] = mapped_column(String(64))  # sha256 of the key's secret part, hex
+    lite_version: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_upload_at: Mapped[datetime | None] = mapped_column(default=None)
