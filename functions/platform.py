@@ -50,6 +50,7 @@ from functions.settings import Settings
 from functions.store import ApiKey, Function, Store, Tenant
 from functions.store.models import utcnow
 from functions.usage import UsageSink
+from runtime.lite import unavailable_reason as lite_unavailable_reason
 from runtime.model_files import ModelFormatError, find_model
 from runtime.spec import Manifest
 
@@ -101,6 +102,9 @@ class Platform:
             self.registry, backend, self.activator, settings, self.metrics,
             max_replicas_of=lambda tenant: self.limits_of(tenant).max_replicas, audit=self.audit,
         )  # fmt: skip
+        quota = getattr(backend, "set_replica_quota", None)
+        if quota is not None:  # fallback=capacity answers from Lite once the tenant's max_replicas is reached
+            quota(lambda tenant: self.limits_of(tenant).max_replicas)
         self.backend.on_wake(self.activator.touch)
         self.backend.on_wake(lambda fn: self.audit.record_soon(SYSTEM, fn.tenant, "function.wake", fn.name))
         self._deploys = asyncio.Semaphore(settings.max_concurrent_deploys)
@@ -311,12 +315,27 @@ class Platform:
                 "delete one or ask for a bigger plan"
             )
         self._check_device(tenant, config)
+        if config.uses_lite and (reason := lite_unavailable_reason()):
+            raise BadRequest(f"{_lite_use(config)} needs Paddle Lite, which this platform lacks: {reason}")
 
     def _check_device(self, tenant: str, config: FunctionConfig) -> None:
         if config.device == "gpu" and not self.limits_of(tenant).gpu_allowed:
             raise Forbidden(
-                f"tenant '{tenant}' is on a plan without GPUs (gpu_allowed=false); use device cpu or auto"
+                f"tenant '{tenant}' is on a plan without GPUs (gpu_allowed=false); use device cpu, lite or auto"
             )
+
+    @staticmethod
+    def lite_problem(config: FunctionConfig, manifest: Manifest | None) -> str | None:
+        """Why CONFIG cannot be served for a model with MANIFEST (None: it can, or the deploy is not done)."""
+        if not config.uses_lite or manifest is None:
+            return None
+        lite = manifest.lite or {}
+        if lite.get("available") and lite.get("nb"):
+            return None
+        return (
+            f"{_lite_use(config)} needs a Paddle Lite version of the model, and this model has none: "
+            f"{lite.get('reason') or 'deploy did not convert it'}; use device auto, cpu or gpu and fallback none"
+        )
 
     def _give_to_tenant(self, fn: FunctionRecord) -> None:
         """Hand the tenant's folder to the tenant's own user (mode 0700), so that a worker confined as that
@@ -330,6 +349,8 @@ class Platform:
         tenant_dir.chmod(0o700)
 
     def _device_for(self, fn: FunctionRecord) -> str:
+        if fn.config.device == "lite":
+            return "cpu"  # prepared (and golden-checked) on the CPU; Lite serves the .nb deploy converts
         if fn.config.device == "auto" and not self.limits_of(fn.tenant).gpu_allowed:
             return "cpu"
         return fn.config.device
@@ -472,6 +493,9 @@ class Platform:
         current = self.registry.get(record.tenant, record.name)
         if current is None or current.id != record.id:
             return  # deleted while it deployed; its files went with it
+        if manifest is not None and (problem := self.lite_problem(current.config, manifest)):
+            # Lite was asked for (on deploy, or by a PATCH meanwhile), and this model cannot be served by it.
+            manifest, error = None, problem
         status = READY if manifest else FAILED
         now = utcnow()
         with self.store.session() as s:
@@ -497,6 +521,10 @@ class Platform:
         merged = {**fn.config.model_dump(), **patch}
         config = self.parse_config(merged)
         self._check_device(fn.tenant, config)
+        if problem := self.lite_problem(config, fn.manifest):
+            raise BadRequest(problem)
+        if fn.status == DEPLOYING and config.uses_lite and (reason := lite_unavailable_reason()):
+            raise BadRequest(f"{_lite_use(config)} needs Paddle Lite, which this platform lacks: {reason}")
         if config.batching and fn.manifest and not fn.manifest.spec.batchable:
             raise BadRequest(
                 "batching needs a free first (batch) dimension on every input and output of the model"
@@ -547,13 +575,34 @@ class Platform:
             "last_request_at": fn.last_request_at.isoformat() if fn.last_request_at else None,
             "in_flight": self.activator.in_flight(fn),
         }
+        lite_replicas = getattr(self.backend, "lite_replicas", None)
+        if lite_replicas is not None:  # Lite fallback replicas, on top of `replicas` (see config.fallback)
+            view["lite_replicas"] = lite_replicas(fn)
         if fn.manifest:
             view["inputs"] = [t.to_json() for t in fn.manifest.spec.inputs]
             view["outputs"] = [t.to_json() for t in fn.manifest.spec.outputs]
             view["golden"] = fn.manifest.golden
             view["notes"] = fn.manifest.notes
-            view["device"] = fn.manifest.device
+            view["device"] = "lite" if fn.config.device == "lite" else fn.manifest.device
+        view["lite"] = _lite_view(fn)
         return view
+
+
+def _lite_use(config: FunctionConfig) -> str:
+    return "device=lite" if config.device == "lite" else f"fallback={config.fallback}"
+
+
+def _lite_view(fn: FunctionRecord) -> dict[str, Any]:
+    """Whether the function can be served by Paddle Lite (device=lite, fallback, edge bundles), and if not why."""
+    if fn.manifest is None:
+        return {"available": False, "reason": "the deploy has not finished" if fn.status == DEPLOYING
+                else "the deploy failed"}  # fmt: skip
+    lite = fn.manifest.lite or {}
+    view: dict[str, Any] = {"available": bool(lite.get("available")), "reason": lite.get("reason") or None}
+    for field in ("version", "max_abs_error", "rtol", "atol"):
+        if field in lite:
+            view[field] = lite[field]
+    return view
 
 
 def _folder_bytes(folder: Path) -> int:

@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from runtime.spec import Manifest
 
 NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
-NAME_RULE = "1-63 characters: lowercase letters, digits and '-', starting with a letter and not ending with '-'"
+NAME_RULE = (
+    "1-63 characters: lowercase letters, digits and '-', starting with a letter and not ending with '-'"
+)
 
 DEPLOYING, READY, FAILED = "deploying", "ready", "failed"
 
@@ -48,10 +50,19 @@ class FunctionConfig(BaseModel):
     container_concurrency: int = Field(
         0, ge=0, le=1000, description="hard limit of in-flight requests per replica (0: twice the target)"
     )
-    device: Literal["auto", "gpu", "cpu"] = Field("auto", description="where replicas run")
+    device: Literal["auto", "gpu", "cpu", "lite"] = Field(
+        "auto", description="where replicas run; lite: always Paddle Lite on CPU (needs a Lite conversion)"
+    )
+    fallback: Literal["none", "cold", "capacity"] = Field(
+        "none",
+        description="answer from a Paddle Lite replica while the primary one cold-starts (cold) or when no "
+        "primary replica can be had (capacity); none: never (needs a Lite conversion unless none)",
+    )
     public: bool = Field(False, description="anyone may invoke it without a key (only invoke)")
     batching: Batching | None = Field(None, description="dynamic batching; true for the defaults")
-    cold_start_timeout_s: float | None = Field(None, gt=0, le=3600, description="wait this long for a wake-up")
+    cold_start_timeout_s: float | None = Field(
+        None, gt=0, le=3600, description="wait this long for a wake-up"
+    )
     timeout_s: float | None = Field(None, gt=0, le=3600, description="time limit for one request")
 
     @model_validator(mode="before")
@@ -67,7 +78,21 @@ class FunctionConfig(BaseModel):
     def _scale_bounds(self) -> FunctionConfig:
         if self.min_scale > self.max_scale:
             raise ValueError(f"min_scale ({self.min_scale}) is above max_scale ({self.max_scale})")
+        if self.device == "lite" and self.fallback != "none":
+            raise ValueError(
+                f"fallback={self.fallback} falls back to Paddle Lite, but device=lite already serves with Lite "
+                "only: use fallback none with device lite"
+            )
+        if self.device == "lite" and self.batching is not None:
+            raise ValueError(
+                "dynamic batching is for Paddle Inference replicas; device=lite serves unbatched"
+            )
         return self
+
+    @property
+    def uses_lite(self) -> bool:
+        """Whether some replica of the function may be a Paddle Lite one (it then needs a Lite conversion)."""
+        return self.device == "lite" or self.fallback != "none"
 
     @property
     def slots_per_replica(self) -> int:

@@ -58,6 +58,11 @@ class Settings:
     """Pre-warmed workers (Paddle imported, device up) kept ready, so a cold start is model load + first run."""
     max_workers: int = 0
     """Most worker processes at once, pool included; 0 means 2 per CPU core (at least 4)."""
+    lite_workers: int = 0
+    """Most Paddle Lite worker processes at once (device=lite and fallback replicas; CPU only, no Paddle import,
+    counted apart from max_workers so that Lite can answer when those are all taken); 0 means max_workers."""
+    lite_pool_size: int = 1
+    """Pre-warmed Lite workers kept ready once some function uses Lite (device=lite or a fallback)."""
     device: str = "auto"
     """Device for workers: "auto" (GPU when Paddle has CUDA and a device), "gpu" or "cpu"."""
     cpu_threads: int = 1
@@ -118,6 +123,10 @@ class Settings:
             return self.public_url.rstrip("/")
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def lite_worker_limit(self) -> int:
+        return self.lite_workers or self.worker_limit
 
     @property
     def database(self) -> str:

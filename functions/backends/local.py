@@ -4,6 +4,15 @@ Per function a ReplicaSet holds the ready replicas, each with a fixed number of 
 requests waiting for a slot. A request that finds the function asleep wakes it at once (no scaler tick) and
 waits up to its cold-start timeout. When every worker slot is taken, the least recently used idle function is
 put to sleep early to make room.
+
+Paddle Lite (``config.device``/``config.fallback``): a replica is a Paddle Inference worker (the primary) or a
+Paddle Lite one, from a pool of its own (``WorkerPool(engine="lite")``: no Paddle import, CPU only, its own slots).
+``device=lite``: every replica is a Lite one. ``fallback=cold``: a request that finds no primary replica ready
+also starts a Lite replica at once (Lite loads in ~0.15 s), and whichever is ready first answers; once a primary
+replica is ready the Lite one is retired (it finishes what it holds). ``fallback=capacity``: when no primary
+replica can be had (every worker slot taken, or the tenant's max_replicas reached) a Lite replica answers instead
+of the request queueing or being refused, while the primary start waits for room; it is retired as above.
+Lite fallback replicas are not counted in ``replicas`` (the scaler's number) nor in the tenant's max_replicas.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,20 +38,39 @@ from functions.settings import Settings
 log = logging.getLogger("paddlefn.local")
 
 
+PADDLE, LITE = "paddle", "lite"  # load parameter `engine` of a replica
+
+
+class _NotWanted(Exception):
+    """A replica start that waited for room was called off (scaled down or deleted meanwhile)."""
+
+
+def primary_engine(fn: FunctionRecord) -> str:
+    return LITE if fn.config.device == "lite" else PADDLE
+
+
+def lite_slots(fn: FunctionRecord) -> int:
+    """Requests a Lite replica takes at once (it never batches)."""
+    return fn.config.container_concurrency or 2 * fn.config.target_concurrency
+
+
 @dataclass(eq=False)
 class Replica:
     worker: WorkerProcess
     slots: int
     in_flight: int = 0
     draining: bool = False
+    engine: str = PADDLE
 
 
 @dataclass(eq=False)
 class ReplicaSet:
     fn: FunctionRecord
-    replicas: list[Replica] = field(default_factory=list)
+    replicas: list[Replica] = field(default_factory=list)  # primary replicas (Lite ones for device=lite)
     starting: int = 0
     desired: int = 0
+    fallback: list[Replica] = field(default_factory=list)  # Lite replicas answering for the primary
+    fallback_starting: int = 0
     waiters: deque[asyncio.Future[Replica]] = field(default_factory=deque)
     last_used: float = field(default_factory=time.monotonic)
 
@@ -51,10 +80,13 @@ class ReplicaSet:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiters) or any(r.in_flight for r in self.replicas)
+        return bool(self.waiters) or any(r.in_flight for r in [*self.replicas, *self.fallback])
 
     def acquire_nowait(self) -> Replica | None:
+        """A free slot of a primary replica; failing that, of a Lite fallback replica (only while one runs)."""
         free = [r for r in self.replicas if not r.draining and r.in_flight < r.slots]
+        if not free:
+            free = [r for r in self.fallback if not r.draining and r.in_flight < r.slots]
         if not free:
             return None
         replica = min(free, key=lambda r: r.in_flight)
@@ -90,7 +122,9 @@ class LocalBackend:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pool = WorkerPool(settings, on_exit=self._worker_exited)
+        self.lite_pool = WorkerPool(settings, on_exit=self._worker_exited, engine=LITE)
         self._sets: dict[tuple[str, str], ReplicaSet] = {}
+        self._replica_quota: Callable[[str], int] | None = None  # tenant -> max_replicas (fallback=capacity)
         self._listeners: list[WakeListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -103,13 +137,23 @@ class LocalBackend:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for rs in self._sets.values():
             rs.fail_waiters(Unavailable("the platform is shutting down", retry_after=5))
-        await self.pool.close()
+        await asyncio.gather(self.pool.close(), self.lite_pool.close())
 
     def on_wake(self, listener: WakeListener) -> None:
         self._listeners.append(listener)
 
+    def set_replica_quota(self, max_replicas_of: Callable[[str], int]) -> None:
+        """The tenant's max_replicas: with fallback=capacity, a primary start beyond it waits while Lite answers.
+        (Other functions keep the scaler's rule: a sleeping function may always wake to one replica.)"""
+        self._replica_quota = max_replicas_of
+
     def capacity(self) -> dict[str, int]:
-        return {"total": self.pool.capacity, "in_use": self.pool.used, "idle_warm": len(self.pool.idle)}
+        return {"total": self.pool.capacity, "in_use": self.pool.used, "idle_warm": len(self.pool.idle),
+                "lite_total": self.lite_pool.capacity, "lite_in_use": self.lite_pool.used,
+                "lite_idle_warm": len(self.lite_pool.idle)}  # fmt: skip
+
+    def _pool(self, engine: str) -> WorkerPool:
+        return self.lite_pool if engine == LITE else self.pool
 
     def replicas(self, fn: FunctionRecord) -> int:
         rs = self._sets.get(fn.key)
@@ -119,7 +163,16 @@ class LocalBackend:
         rs = self._sets.get(fn.key)
         if rs is None:
             return []
-        return [{"pid": r.worker.pid, "in_flight": r.in_flight, "slots": r.slots} for r in rs.replicas]
+        return [
+            {"pid": r.worker.pid, "in_flight": r.in_flight, "slots": r.slots, "engine": r.engine,
+             "fallback": r in rs.fallback}
+            for r in [*rs.replicas, *rs.fallback]
+        ]  # fmt: skip
+
+    def lite_replicas(self, fn: FunctionRecord) -> int:
+        """Lite fallback replicas running or starting (on top of ``replicas``)."""
+        rs = self._sets.get(fn.key)
+        return len(rs.fallback) + rs.fallback_starting if rs else 0
 
     def pending(self, fn: FunctionRecord) -> int:
         rs = self._sets.get(fn.key)
@@ -134,6 +187,8 @@ class LocalBackend:
         if rs is None:
             rs = self._sets[fn.key] = ReplicaSet(fn)
         rs.fn = fn  # the record may have been replaced (new config)
+        if fn.config.uses_lite:
+            self.lite_pool.activate(self.settings.lite_pool_size)
         return rs
 
     async def deployed(self, fn: FunctionRecord) -> None:
@@ -146,16 +201,22 @@ class LocalBackend:
             return
         rs.desired = 0
         rs.fail_waiters(Unavailable(f"function {fn.label} was deleted"))
-        await asyncio.gather(*(r.worker.stop() for r in rs.replicas), return_exceptions=True)
+        await asyncio.gather(*(r.worker.stop() for r in [*rs.replicas, *rs.fallback]), return_exceptions=True)
 
     async def reconfigured(self, fn: FunctionRecord) -> None:
         rs = self._sets.get(fn.key)
         if rs is None:
             return
-        restart = self._load_parameters(rs.fn) != self._load_parameters(fn)
-        rs.fn = fn
+        restart = self._load_parameters(rs.fn, primary_engine(rs.fn)) != self._load_parameters(
+            fn, primary_engine(fn)
+        )
+        self._set(fn)
         for replica in rs.replicas:
-            replica.slots = fn.config.slots_per_replica
+            replica.slots = lite_slots(fn) if replica.engine == LITE else fn.config.slots_per_replica
+        for replica in rs.fallback:
+            replica.slots = lite_slots(fn)
+        if fn.config.fallback == "none" or fn.config.device == "lite":
+            self._retire_fallback(rs)
         if restart:  # workers load with the settings they were given: new ones pick up the change
             wanted = rs.desired
             for replica in list(rs.replicas):
@@ -174,20 +235,88 @@ class LocalBackend:
             # Idle replicas go first; busy ones stop taking requests and exit when their last one ends.
             for replica in sorted(rs.replicas, key=lambda r: r.in_flight)[:surplus]:
                 self._retire(rs, replica)
+        if count == 0:  # the function sleeps: Lite stand-ins go with it
+            self._retire_fallback(rs)
 
     def _retire(self, rs: ReplicaSet, replica: Replica) -> None:
         if replica in rs.replicas:
             rs.replicas.remove(replica)
+        if replica in rs.fallback:
+            rs.fallback.remove(replica)
         replica.draining = True
         if replica.in_flight == 0:
             self._spawn_task(replica.worker.stop(), f"stop-worker-{replica.worker.id}")
 
-    async def _start_replica(self, rs: ReplicaSet) -> None:
+    def _retire_fallback(self, rs: ReplicaSet) -> None:
+        for replica in list(rs.fallback):
+            log.info("%s: Lite fallback replica (worker %d) retired", rs.fn.label, replica.worker.id)
+            self._retire(rs, replica)
+
+    # ---------------------------------------------------------------- Lite fallback
+
+    def _want_fallback(self, rs: ReplicaSet, why: str) -> None:
+        """Start a Lite replica to answer for the primary, unless one runs or starts already."""
+        fn = rs.fn
+        if fn.config.fallback == "none" or fn.config.device == "lite" or rs.fallback or rs.fallback_starting:
+            return
+        log.info("%s: starting a Lite fallback replica (%s)", fn.label, why)
+        rs.fallback_starting += 1
+        self._spawn_task(self._start_fallback(rs), f"start-lite-{fn.label}")
+
+    async def _start_fallback(self, rs: ReplicaSet) -> None:
         fn = rs.fn
         worker: WorkerProcess | None = None
         try:
-            worker = await self._take_worker(rs)
-            await worker.load(fn.name, self._load_parameters(fn), timeout=self._cold_timeout(fn))
+            worker = await self.lite_pool.take()
+            await worker.load(fn.name, self._load_parameters(fn, LITE), timeout=self._cold_timeout(fn))
+        except Exception as exc:
+            rs.fallback_starting -= 1
+            reason = str(exc) if isinstance(exc, (WorkerStartError, NoCapacity)) else repr(exc)
+            log.error("no Lite fallback replica for %s: %s", fn.label, reason)
+            if worker is not None:
+                await worker.stop(grace=1)
+            return  # the primary still comes (or fails waiters itself)
+        rs.fallback_starting -= 1
+        unwanted = self._sets.get(fn.key) is not rs or rs.desired == 0 or (rs.replicas and not rs.waiters)
+        if unwanted or rs.fn.config.fallback == "none":
+            await worker.stop()  # the primary was quicker, or the function went away meanwhile
+            return
+        rs.fallback.append(Replica(worker, slots=lite_slots(rs.fn), engine=LITE))
+        log.info("%s: Lite fallback replica ready (worker %d)", fn.label, worker.id)
+        rs.hand_out()
+
+    def _tenant_replicas(self, tenant: str) -> int:
+        return sum(rs.count for rs in self._sets.values() if rs.fn.tenant == tenant)
+
+    def _over_quota(self, rs: ReplicaSet, starting_self: int) -> bool:
+        """Whether the tenant's primary replicas (not counting STARTING_SELF of RS's own starts) already fill
+        its max_replicas; only asked for fallback=capacity."""
+        if self._replica_quota is None:
+            return False
+        return self._tenant_replicas(rs.fn.tenant) - starting_self >= self._replica_quota(rs.fn.tenant)
+
+    def _primary_blocked(self, rs: ReplicaSet) -> str | None:
+        """Why no further primary replica can be had now (fallback=capacity), or None."""
+        if self.pool.full and not self._idle_victims(rs, PADDLE):
+            return f"all {self.pool.capacity} worker slots are busy"
+        if self._over_quota(rs, 0):
+            return f"tenant '{rs.fn.tenant}' is at its max_replicas"
+        return None
+
+    # ---------------------------------------------------------------- primary replicas
+
+    async def _start_replica(self, rs: ReplicaSet) -> None:
+        fn = rs.fn
+        engine = primary_engine(fn)
+        worker: WorkerProcess | None = None
+        try:
+            if fn.config.fallback == "capacity" and engine == PADDLE:
+                await self._wait_for_quota(rs)
+            worker = await self._take_worker(rs, engine)
+            await worker.load(fn.name, self._load_parameters(fn, engine), timeout=self._cold_timeout(fn))
+        except _NotWanted:
+            rs.starting -= 1
+            return
         except Exception as exc:
             rs.starting -= 1
             reason = str(exc) if isinstance(exc, (WorkerStartError, Unavailable)) else repr(exc)
@@ -204,34 +333,64 @@ class LocalBackend:
         if self._sets.get(fn.key) is not rs or (rs.count >= rs.desired and not rs.waiters):
             await worker.stop()  # scaled down or deleted while it started
             return
-        rs.replicas.append(Replica(worker, slots=rs.fn.config.slots_per_replica))
+        slots = lite_slots(rs.fn) if engine == LITE else rs.fn.config.slots_per_replica
+        rs.replicas.append(Replica(worker, slots=slots, engine=engine))
+        if rs.fallback:  # the primary is here: Lite stood in long enough
+            self._retire_fallback(rs)
         rs.hand_out()
 
-    async def _take_worker(self, rs: ReplicaSet) -> WorkerProcess:
+    def _still_wanted(self, rs: ReplicaSet) -> bool:
+        return self._sets.get(rs.fn.key) is rs and rs.count <= max(rs.desired, 1 if rs.waiters else 0)
+
+    async def _wait_for_quota(self, rs: ReplicaSet) -> None:
+        """fallback=capacity: beyond the tenant's max_replicas the start waits (Lite answers meanwhile)."""
+        while rs.fn.config.fallback == "capacity" and self._over_quota(rs, 1):
+            self._want_fallback(rs, f"tenant '{rs.fn.tenant}' is at its max_replicas")
+            changed = self.pool.changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), 1.0)  # plans may change too: look again each second
+            if not self._still_wanted(rs):
+                raise _NotWanted
+
+    async def _take_worker(self, rs: ReplicaSet, engine: str = PADDLE) -> WorkerProcess:
+        pool = self._pool(engine)
         deadline = time.monotonic() + self._cold_timeout(rs.fn)
         while True:
             try:
-                return await self.pool.take()
+                return await pool.take()
             except NoCapacity as exc:
-                changed = self.pool.changed
-                if not self._evict_one(exclude=rs):
+                changed = pool.changed
+                if not self._evict_one(exclude=rs, engine=engine):
                     log.info("no worker slot for %s: %s; waiting", rs.fn.label, exc)
+                capacity_fallback = rs.fn.config.fallback == "capacity" and engine == PADDLE
+                if capacity_fallback:  # Lite answers now; the primary takes the next free slot
+                    self._want_fallback(rs, f"all {pool.capacity} worker slots are busy")
                 remaining = deadline - time.monotonic()
+                if capacity_fallback and (rs.fallback or rs.fallback_starting):
+                    remaining = 1.0  # no deadline while Lite stands in; look again each second
+                    if not self._still_wanted(rs):
+                        raise _NotWanted from None
                 if remaining <= 0:
                     raise Unavailable(
-                        f"no capacity: all {self.pool.capacity} worker slots are busy with active functions",
+                        f"no capacity: all {pool.capacity} worker slots are busy with active functions",
                         retry_after=5,
                     ) from None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), remaining)
 
-    def _evict_one(self, exclude: ReplicaSet) -> bool:
-        """Put the least recently used idle function to sleep early, to give its worker to a busy one."""
-        idle = [
+    def _idle_victims(self, exclude: ReplicaSet, engine: str) -> list[ReplicaSet]:
+        return [
             rs
             for rs in self._sets.values()
-            if rs is not exclude and len(rs.replicas) > rs.fn.config.min_scale and not rs.busy
+            if rs is not exclude
+            and primary_engine(rs.fn) == engine
+            and len(rs.replicas) > rs.fn.config.min_scale
+            and not rs.busy
         ]
+
+    def _evict_one(self, exclude: ReplicaSet, engine: str = PADDLE) -> bool:
+        """Put the least recently used idle function to sleep early, to give its worker to a busy one."""
+        idle = self._idle_victims(exclude, engine)
         if not idle:
             return False
         victim = min(idle, key=lambda rs: rs.last_used)
@@ -241,8 +400,10 @@ class LocalBackend:
         self._retire(victim, replica)
         return True
 
-    def _load_parameters(self, fn: FunctionRecord) -> dict[str, Any]:
+    def _load_parameters(self, fn: FunctionRecord, engine: str) -> dict[str, Any]:
         params: dict[str, Any] = {"model_dir": str(fn.serving_dir), "cpu_threads": self.settings.cpu_threads}
+        if engine == LITE:
+            params["engine"] = LITE
         isolation = self.settings.worker_isolation
         if isolation == "required" or (isolation == "auto" and os.geteuid() == 0):
             params["confine"] = {
@@ -251,7 +412,7 @@ class LocalBackend:
                 "uid": self.settings.tenant_uid_base + fn.tenant_id,
                 "required": isolation == "required",
             }
-        if fn.config.batching:
+        if fn.config.batching and engine == PADDLE:
             params["max_batch_size"] = fn.config.batching.max_batch_size
             params["max_queue_delay_ms"] = fn.config.batching.max_queue_delay_ms
         return params
@@ -267,12 +428,18 @@ class LocalBackend:
         cold_start: float | None = None
         replica = rs.acquire_nowait()
         if replica is None:
-            asleep = not rs.replicas
+            asleep = not rs.replicas and not rs.fallback
             future = rs.wait()
             if asleep and rs.starting == 0:
                 for listener in self._listeners:
                     listener(fn)
                 await self.set_replicas(fn, max(rs.desired, 1))
+            if fn.config.fallback == "cold" and not rs.replicas:
+                self._want_fallback(rs, "the primary replica is cold-starting")
+            elif fn.config.fallback == "capacity" and rs.replicas and rs.starting == 0:
+                blocked = self._primary_blocked(rs)
+                if blocked:  # every primary replica is busy and no other can be had: Lite instead of a queue
+                    self._want_fallback(rs, blocked)
             started = time.perf_counter()
             timeout = request.cold_start_timeout_s if asleep else request.timeout_s
             try:
@@ -290,7 +457,9 @@ class LocalBackend:
                 request.path, content=request.body, headers=request.headers, timeout=request.timeout_s
             )
         except httpx.TimeoutException:
-            raise GatewayTimeout(f"function {fn.label} took longer than {request.timeout_s:g} s to answer") from None
+            raise GatewayTimeout(
+                f"function {fn.label} took longer than {request.timeout_s:g} s to answer"
+            ) from None
         except httpx.TransportError:
             raise Unavailable(
                 f"the replica of {fn.label} stopped while handling this request "
@@ -321,6 +490,10 @@ class LocalBackend:
 
     def _worker_exited(self, worker: WorkerProcess) -> None:
         for rs in self._sets.values():
+            for replica in rs.fallback:
+                if replica.worker is worker:
+                    rs.fallback.remove(replica)
+                    return
             for replica in rs.replicas:
                 if replica.worker is worker:
                     rs.replicas.remove(replica)

@@ -30,7 +30,16 @@ from functions.settings import Settings
 log = logging.getLogger("paddlefn.pool")
 
 # Only these reach a worker: tenants' models must not see the platform's secrets (admin key, database URL).
-_PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "PYTHONPATH")
+_PASSED_ENV = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "PYTHONPATH",
+)
 _PASSED_PREFIXES = ("NVIDIA_", "FLAGS_")
 
 
@@ -135,12 +144,24 @@ def _error_text(response: httpx.Response) -> str:
 
 
 class WorkerPool:
-    """Starts workers, keeps ``pool_size`` of them warm and unassigned, and never exceeds ``capacity``."""
+    """Starts workers, keeps ``size`` of them warm and unassigned, and never exceeds ``capacity``.
 
-    def __init__(self, settings: Settings, on_exit: Callable[[WorkerProcess], None]) -> None:
+    ENGINE "paddle": workers import Paddle and bring the device up before they are taken. ENGINE "lite": workers
+    for Paddle Lite (``--engine lite``: no Paddle import, CPU only), in a pool of their own (``lite_workers``,
+    ``lite_pool_size``), empty until some function uses Lite (``activate``).
+    """
+
+    def __init__(
+        self, settings: Settings, on_exit: Callable[[WorkerProcess], None], *, engine: str = "paddle"
+    ) -> None:
         self.settings = settings
-        self.capacity = settings.worker_limit
-        self.size = min(settings.pool_size, self.capacity)
+        self.engine = engine
+        if engine == "lite":
+            self.capacity = settings.lite_worker_limit
+            self.size = 0
+        else:
+            self.capacity = settings.worker_limit
+            self.size = min(settings.pool_size, self.capacity)
         self._on_exit = on_exit
         self._ids = itertools.count(1)
         self.idle: deque[WorkerProcess] = deque()
@@ -157,6 +178,18 @@ class WorkerPool:
     @property
     def used(self) -> int:
         return len(self.live) + self.spawning
+
+    @property
+    def full(self) -> bool:
+        """No worker can be had now: none idle and every slot in use."""
+        return not any(w.alive for w in self.idle) and self.used >= self.capacity
+
+    def activate(self, size: int) -> None:
+        """Keep SIZE workers warm from now on (the Lite pool starts empty; see the class)."""
+        size = min(size, self.capacity)
+        if size > self.size:
+            self.size = size
+            self.refill()
 
     def refill(self) -> None:
         """Start workers in the background until ``size`` are warm (or capacity is reached)."""
@@ -198,14 +231,16 @@ class WorkerPool:
     async def _start_process(self) -> WorkerProcess:
         wid = next(self._ids)
         uds = self._run_dir / f"w{wid}.sock"
-        log_path = self._log_dir / f"worker-{wid}.log"
+        prefix = "lite-worker" if self.engine == "lite" else "worker"
+        log_path = self._log_dir / f"{prefix}-{wid}.log"
         read_fd, write_fd = os.pipe()
         args = [
             sys.executable, "-m", "runtime.server",
             "--uds", str(uds),
             "--ready-fd", str(write_fd),
             "--parent-pid", str(os.getpid()),
-            "--device", self.settings.device,
+            "--device", "cpu" if self.engine == "lite" else self.settings.device,
+            "--engine", self.engine,
         ]  # fmt: skip
         if self.settings.worker_memory_mb:
             args += ["--max-memory-mb", str(self.settings.worker_memory_mb)]
@@ -228,12 +263,21 @@ class WorkerPool:
             line = await asyncio.wait_for(asyncio.to_thread(_read_line, read_fd), 300)
         except TimeoutError:
             await worker.stop(grace=0)
-            raise WorkerStartError("a worker took more than 300 s to import Paddle and start its device") from None
+            raise WorkerStartError(
+                "a worker took more than 300 s to import Paddle and start its device"
+            ) from None
         if not line:
             await worker.process.wait()
             raise WorkerStartError(f"a worker failed to start: {worker.exit_reason()}")
         info = json.loads(line)
-        log.info("worker %d (pid %d) warm in %.2f s, gpu=%s", wid, worker.pid, info["warm_seconds"], info["gpu"])
+        log.info(
+            "%s %d (pid %d) warm in %.2f s, gpu=%s",
+            prefix,
+            wid,
+            worker.pid,
+            info["warm_seconds"],
+            info["gpu"],
+        )
         return worker
 
     async def _watch(self, worker: WorkerProcess) -> None:
