@@ -27,6 +27,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE
     1, 2, 4, 32, 4096, 8192, 16384, 1 << 18,
 )  # fmt: skip
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2
 
 
 class ConfinementError(OSError):
@@ -109,7 +110,13 @@ def confine(tenant_dir: Path, data_dir: Path, uid: int) -> None:
     _replace_with(data_dir, [tenant_dir])
     _mount(None, tenant_dir, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.environ["HOME"] = tempfile.gettempdir()
+    deathsig, parent = ctypes.c_int(0), os.getppid()
+    _check(_libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(deathsig), 0, 0, 0), "prctl(PR_GET_PDEATHSIG)")
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)  # from uid 0 to another: every capability goes with it
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if deathsig.value:  # the kernel clears the parent-death signal when credentials change: set it again
+        _check(_libc.prctl(PR_SET_PDEATHSIG, deathsig.value, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+        if os.getppid() != parent:  # the parent died in between: the signal will not come
+            os._exit(1)
