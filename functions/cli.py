@@ -30,6 +30,10 @@ functions_app = typer.Typer(help="List, inspect, reconfigure and delete function
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(functions_app, name="functions")
+edge_app = typer.Typer(
+    help="Edge bundles: a function's Paddle Lite model for a CPU device.", no_args_is_help=True
+)
+app.add_typer(edge_app, name="edge")
 
 console = Console()
 err = Console(stderr=True)
@@ -227,7 +231,10 @@ def deploy(
     ] = None,
     min_scale: Annotated[int | None, typer.Option(help="replicas kept when idle")] = None,
     max_scale: Annotated[int | None, typer.Option(help="most replicas")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, gpu or cpu")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, gpu, cpu or lite")] = None,
+    fallback: Annotated[
+        str | None, typer.Option(help="Paddle Lite fallback: none, cold or capacity [default: none]")
+    ] = None,
     batching: Annotated[bool, typer.Option(help="enable dynamic batching")] = False,
     public: Annotated[bool, typer.Option(help="anyone may invoke it without a key")] = False,
     wait: Annotated[bool, typer.Option(help="wait until it is ready or failed")] = True,
@@ -242,7 +249,7 @@ def deploy(
         raise _fail(f"--config is not valid JSON: {exc}") from None
     for field, value in (
         ("idle_timeout_s", _duration(idle_timeout)), ("min_scale", min_scale),
-        ("max_scale", max_scale), ("device", device),
+        ("max_scale", max_scale), ("device", device), ("fallback", fallback),
     ):  # fmt: skip
         if value is not None:
             settings[field] = value
@@ -393,6 +400,70 @@ def _example_body(model_dir: Path) -> dict[str, Any]:
             for n, a in tensors.items()
         ]
     }
+
+
+# ------------------------------------------------------------------ edge bundles
+
+
+@edge_app.command("export")
+def edge_export(
+    ref: Annotated[str, typer.Argument(help="TENANT/FUNCTION")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="bundle file to write (.tar.gz)")],
+    target: Annotated[str, typer.Option(help="CPU of the edge device: x86 or arm")] = "x86",
+    url: UrlOpt = "",
+    key: KeyOpt = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a function as an edge bundle with its own device key (printed once; the bundle holds it too)."""
+    tenant, name = _split(ref)
+    if target not in ("x86", "arm"):
+        raise _fail(f"--target must be x86 or arm, not {target!r}")
+    result = _call(lambda c: c.export_edge_bundle(tenant, name, target, output), url, key)
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(
+        f"wrote {output} (bundle {result['bundle_id']}, {target}); its device key, shown once:\n"
+        f"  {result['device_key']}\nserve it with: paddlefn edge serve {output} --port 8080"
+    )
+
+
+@edge_app.command("serve")
+def edge_serve(
+    bundle: Annotated[Path, typer.Argument(help="bundle file from `paddlefn edge export`")],
+    port: Annotated[int, typer.Option(help="port to serve OIP v2 on")] = 8080,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "0.0.0.0",
+    platform: Annotated[
+        str | None, typer.Option(help="platform URL to upload usage to [default: the bundle's]")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="unpacked model and usage spool [default: ~/.paddlefn-edge/BUNDLE_ID]")
+    ] = None,
+    upload_interval: Annotated[float, typer.Option(help="seconds between usage uploads")] = 30.0,
+) -> None:
+    """Serve a bundle over OIP v2 on this CPU, with no platform present; usage is uploaded when reachable."""
+    args = [sys.executable, "-m", "runtime.lite.edge", "serve", str(bundle), "--port", str(port),
+            "--host", host, "--upload-interval", str(upload_interval)]  # fmt: skip
+    if platform:
+        args += ["--platform", platform]
+    if data_dir is not None:
+        args += ["--data-dir", str(data_dir)]
+    sys.stdout.flush()
+    os.execv(sys.executable, args)  # the edge server itself: signals reach it, its exit status is ours
+
+
+@edge_app.command("devices")
+def edge_devices(tenant: str, url: UrlOpt = "", key: KeyOpt = "", as_json: JsonOpt = False) -> None:
+    """List a tenant's exported bundles (never their keys)."""
+    rows = _call(lambda c: c.edge_devices(tenant), url, key)
+    _table(rows, ["bundle_id", "function", "target", "created_at", "last_upload_at", "revoked_at"], as_json)
+
+
+@edge_app.command("revoke")
+def edge_revoke(tenant: str, bundle_id: str, url: UrlOpt = "", key: KeyOpt = "") -> None:
+    """Revoke a bundle's device key: its usage uploads are refused from now on."""
+    _call(lambda c: c.revoke_edge_device(tenant, bundle_id), url, key)
+    console.print(f"bundle {bundle_id} revoked")
 
 
 # ------------------------------------------------------------------ status

@@ -108,6 +108,44 @@ class Client:
     def infer(self, tenant: str, name: str, body: dict[str, Any]) -> Any:
         return self.request("POST", f"/t/{tenant}/v2/models/{name}/infer", json=body)
 
+    # edge bundles
+    def export_edge_bundle(self, tenant: str, name: str, target: str, out: Path) -> dict[str, str]:
+        """Write a new edge bundle of TENANT/NAME to OUT; returns its bundle id and device key (shown once)."""
+        path = f"/v1/tenants/{tenant}/functions/{name}/edge-bundles"
+        partial = out.with_name(out.name + ".partial")
+        try:
+            with self.http.stream("POST", path, json={"target": target}, timeout=600) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    try:
+                        message = response.json().get("error") or response.text
+                    except ValueError:
+                        message = response.text
+                    raise ClientError(response.status_code, str(message))
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with partial.open("wb") as sink:
+                    for chunk in response.iter_bytes():
+                        sink.write(chunk)
+                key, bundle_id = (
+                    response.headers["x-paddlefn-device-key"],
+                    response.headers["x-paddlefn-bundle-id"],
+                )
+        except httpx.ConnectError:
+            raise ClientError(
+                0, f"cannot reach the platform at {self.url}: is `paddlefn up` running?"
+            ) from None
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.replace(out)  # never half a bundle under OUT's name
+        return {"bundle_id": bundle_id, "device_key": key, "path": str(out)}
+
+    def edge_devices(self, tenant: str) -> Any:
+        return self.request("GET", f"/v1/tenants/{tenant}/edge-devices")["devices"]
+
+    def revoke_edge_device(self, tenant: str, bundle_id: str) -> None:
+        self.request("DELETE", f"/v1/tenants/{tenant}/edge-devices/{bundle_id}")
+
     # who the key is, capacity, per-minute stats
     def whoami(self) -> Any:
         return self.request("GET", "/v1/whoami")
