@@ -16,12 +16,17 @@ wake signal over HTTP and times the stream's ``true``. Goal: under 10 ms.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
+import platform
 import random
+import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -31,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc
 import httpx
+import numpy as np
 
-from bench.common import arg_parser, machine, stats_ms, table, write_result
 from scaler.activity import Board, Key, Sample
 from scaler.policy import Scaling
 from scaler.prometheus import PrometheusSource, build_query, parse
@@ -42,6 +47,44 @@ from scaler.service import ScalerService, paused_gc
 from scaler.settings import ScalerSettings
 
 SELECTOR = 'job="paddlefn-gateway"'
+
+
+# Self-contained on purpose: the scaler is measured without the platform's benchmark helpers (or Paddle).
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")  # fmt: skip
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=OUT.parent.parent, capture_output=True, text=True
+        ).stdout.strip()
+
+    return {
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg(),
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_uncommitted": git("status", "--porcelain", "--", "scaler").splitlines(),
+    }
+
+
+def stats_ms(seconds: list[float]) -> dict[str, float]:
+    a = np.asarray(seconds, dtype=np.float64) * 1000
+    return {"n": int(a.size), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
+            "mean": float(a.mean()), "max": float(a.max())}  # fmt: skip
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return (f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}") if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows])
 
 
 def functions(n: int, tenants: int) -> list[Key]:
@@ -192,7 +235,7 @@ def measure_wakes(keys: list[Key], wakes: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    p = arg_parser(__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--functions", type=int, default=10_000)
     p.add_argument("--tenants", type=int, default=1_000)
     p.add_argument("--ticks", type=int, default=30)
@@ -204,7 +247,10 @@ def main() -> None:
     shares = (0.1, 1.0)  # a typical hour (most functions asleep) and the worst case (all busy at once)
     result["ticks"] = {f"{share:.0%} busy": measure_ticks(keys, args.ticks, share) for share in shares}
     result["wake"] = measure_wakes(keys, args.wakes)
-    path = write_result("scaler_tick", result)
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
+    OUT.mkdir(exist_ok=True)
+    path = OUT / "scaler_tick-cpu.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
     rows = []
     for label, tick in result["ticks"].items():
         size = f"answer {tick['answer_bytes'] / 1e6:.2f} MB, {tick['series']} series"
