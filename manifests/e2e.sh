@@ -6,8 +6,9 @@
 #
 # NOT RUN by the project's CI and never run by its authors: the development machines have no Kubernetes, no
 # Knative/KEDA and no container engine (see docs/cluster.md, "What was verified"). Run it by hand:
-#   manifests/e2e.sh                       # uses the current kubectl context
-#   DEVICE=cpu manifests/e2e.sh            # on clusters without GPUs (kind)
+#   MODELS_NFS=nfs.example:/exports/paddlefn manifests/e2e.sh     # the export behind paddlefn-data (step 3)
+#   MODELS_HOSTPATH=/srv/paddlefn DEVICE=cpu manifests/e2e.sh      # one-node kind/k3s without GPUs
+# The tenant's `models` volume is bound to <export>/tenants/<tenant>, as docs/cluster.md step 3 describes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,7 @@ FORWARD_PID=""
 cleanup() {
     [ -n "$FORWARD_PID" ] && kill "$FORWARD_PID" 2>/dev/null || true
     "$PADDLEFN" tenants delete "$TENANT" >/dev/null 2>&1 || true
+    kubectl delete pv "paddlefn-models-$TENANT" --ignore-not-found >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -43,8 +45,29 @@ export PADDLEFN_KEY
 PADDLEFN_KEY=$(kubectl get secret -n "$NS" paddlefn-admin -o jsonpath='{.data.key}' | base64 -d)
 for _ in $(seq 50); do curl -fsS "$PADDLEFN_URL/v2/health/ready" >/dev/null 2>&1 && break; sleep 0.2; done
 
-step "tenant $TENANT and function $FN (device $DEVICE, idle timeout $IDLE)"
+step "tenant $TENANT: its model volume, then the tenant"
+if [ -n "${MODELS_NFS:-}" ]; then
+    source="nfs: {server: ${MODELS_NFS%%:*}, path: ${MODELS_NFS#*:}/tenants/$TENANT}"
+elif [ -n "${MODELS_HOSTPATH:-}" ]; then
+    source="hostPath: {path: $MODELS_HOSTPATH/tenants/$TENANT, type: DirectoryOrCreate}"
+else
+    echo "set MODELS_NFS or MODELS_HOSTPATH: the storage behind paddlefn-data (docs/cluster.md step 3)" >&2
+    exit 2
+fi
+kubectl apply -f - <<YAML
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: paddlefn-models-$TENANT, labels: {paddlefn.dev/tenant: $TENANT}}
+spec:
+  capacity: {storage: 50Gi}
+  accessModes: [ReadWriteMany]
+  persistentVolumeReclaimPolicy: Retain
+  claimRef: {namespace: t-$TENANT, name: models}
+  $source
+YAML
 "$PADDLEFN" tenants create "$TENANT" >/dev/null
+
+step "function $FN (device $DEVICE, idle timeout $IDLE)"
 "$PADDLEFN" example-model mlp -o "$WORK/mlp"
 "$PADDLEFN" deploy "$WORK/mlp" --tenant "$TENANT" --name "$FN" --idle-timeout "$IDLE" --device "$DEVICE"
 kubectl get ksvc,scaledobject -n "t-$TENANT" 2>/dev/null || kubectl get deploy,svc,scaledobject -n "t-$TENANT"
