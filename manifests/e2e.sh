@@ -25,7 +25,8 @@ FORWARD_PID=""
 cleanup() {
     [ -n "$FORWARD_PID" ] && kill "$FORWARD_PID" 2>/dev/null || true
     "$PADDLEFN" tenants delete "$TENANT" >/dev/null 2>&1 || true
-    kubectl delete pv "paddlefn-models-$TENANT" --ignore-not-found >/dev/null 2>&1 || true
+    kubectl delete namespace "t-$TENANT" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+    kubectl delete pv "paddlefn-models-$TENANT" --ignore-not-found --wait=false >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
