@@ -77,7 +77,8 @@ class ScalerService:
             await asyncio.sleep(max(self.settings.tick_s - spent, 0.0))
 
     async def start(self) -> None:
-        self._grpc = grpc.aio.server()
+        # KEDA keeps one StreamIsActive stream open per ScaledObject, all on one connection: allow many.
+        self._grpc = grpc.aio.server(options=[("grpc.max_concurrent_streams", 1_000_000)])
         add_to_server(self.board, self._grpc)
         self.grpc_port = self._grpc.add_insecure_port(self.settings.grpc_address)
         await self._grpc.start()
