@@ -11,24 +11,32 @@ import * as usage from "./views/usage.js";
 
 const TENANT = "paddlefn.tenant";
 const $ = (id) => document.getElementById(id);
-const state = { who: null, tenant: null, timers: [], generation: 0 };
+const state = { who: null, tenant: null, timers: new Set(), generation: 0 };
 
 // run task now and then every ms while the view is shown (and the tab visible); it stops when task returns false
 function every(ms, task) {
   const generation = state.generation;
   let timer = null;
   const tick = async () => {
+    state.timers.delete(timer);
     if (generation !== state.generation) return;
     if (!document.hidden) {
+      const banner = document.getElementById("view-error");
       try {
         if ((await task()) === false) return;
+        if (banner && banner.dataset.generation === String(generation)) banner.textContent = "";
       } catch (error) {
         if (error.status === 401) return signOut("Your key is no longer valid: sign in again.");
-        console.warn(error);
+        if (banner) {
+          banner.textContent = error.message; // e.g. a key without the manage scope, or the platform is away
+          banner.dataset.generation = String(generation);
+        }
       }
     }
-    if (generation === state.generation) timer = setTimeout(tick, ms);
-    state.timers.push(timer);
+    if (generation === state.generation) {
+      timer = setTimeout(tick, ms);
+      state.timers.add(timer);
+    }
   };
   tick();
 }
@@ -36,7 +44,7 @@ function every(ms, task) {
 function stopTimers() {
   state.generation += 1;
   for (const t of state.timers) clearTimeout(t);
-  state.timers = [];
+  state.timers.clear();
 }
 
 function route() {
@@ -113,7 +121,7 @@ function show() {
     else a.removeAttribute("aria-current");
   }
   const container = $("view");
-  container.replaceChildren();
+  container.replaceChildren(h("p", { id: "view-error", class: "error", role: "alert" }));
   const ctx = {
     tenant: state.tenant,
     who: state.who,
