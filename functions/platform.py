@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from functions import archive
@@ -381,9 +381,9 @@ class Platform:
         for fn in self.registry.of_tenant(name):
             await self._remove_function(fn)
         with self.store.session() as s:
-            s.execute(ApiKey.__table__.delete().where(ApiKey.tenant_id == tenant.id))
-            s.execute(Function.__table__.delete().where(Function.tenant_id == tenant.id))
-            s.execute(Tenant.__table__.delete().where(Tenant.id == tenant.id))
+            s.execute(delete(ApiKey).where(ApiKey.tenant_id == tenant.id))
+            s.execute(delete(Function).where(Function.tenant_id == tenant.id))
+            s.execute(delete(Tenant).where(Tenant.id == tenant.id))
         self.keys.remove_tenant(name)
         shutil.rmtree(self.settings.data_dir / "tenants" / name, ignore_errors=True)
 
@@ -545,7 +545,7 @@ class Platform:
     async def delete_function(self, fn: FunctionRecord) -> None:
         await self._remove_function(fn)
         with self.store.session() as s:
-            s.execute(Function.__table__.delete().where(Function.id == fn.id))
+            s.execute(delete(Function).where(Function.id == fn.id))
 
     async def _remove_function(self, fn: FunctionRecord) -> None:
         self.registry.remove(fn.tenant, fn.name)
