@@ -188,3 +188,15 @@ def test_the_audit_log_records_changes_and_each_tenant_sees_only_its_own(platfor
 
     lines = [json.loads(line) for line in everything.text.splitlines()]
     assert {e["tenant"] for e in lines} >= {"acme", "globex"}
+
+
+def test_deleting_a_tenant_removes_its_keys_functions_and_files(platform, two_tenants):
+    acme, _ = two_tenants
+    with platform.admin() as admin:
+        assert admin.delete("/v1/tenants/acme").status_code == 204
+        assert "acme" not in [t["name"] for t in admin.get("/v1/tenants").json()["tenants"]]
+        audit = admin.get("/v1/audit", params={"tenant": "acme"}).json()["entries"]
+    assert ("tenant.delete", "ok") in [(e["action"], e["outcome"]) for e in audit]  # the record outlives it
+    assert acme.http.get("/v1/whoami").status_code == 401
+    assert acme.http.post("/t/acme/v2/models/classify/infer", json={"inputs": []}).status_code == 401
+    assert not (platform.data_dir / "tenants" / "acme").exists()
