@@ -209,7 +209,7 @@ def test_admin_sees_tenants_plans_capacity_and_warm_functions(platform, models, 
     assert too_long.status_code == 400 and "minutes" in too_long.json()["error"]
 
 
-def test_keyboard_alone_reaches_the_main_controls(platform, page):
+def test_keyboard_alone_reaches_the_main_controls(platform, page, tmp_path):
     acme = make_tenant(platform, "acme")
     see = expect()
     page.goto(f"{platform.url}/ui/")
@@ -253,6 +253,16 @@ def test_keyboard_alone_reaches_the_main_controls(platform, page):
     page.keyboard.press("Enter")  # submit without a name: the error says what to do, focus goes to the field
     see(page.locator("#deploy-error")).to_contain_text("Give the function a name")
     see(page.locator("#fn-name")).to_be_focused()
+    page.keyboard.type("broken")
+    not_a_model = tmp_path / "notes.tar.gz"
+    with tarfile.open(not_a_model, "w:gz") as tar:
+        readme = tmp_path / "README.txt"
+        readme.write_text("no model here")
+        tar.add(readme, arcname="README.txt")
+    page.get_by_label("Model archive").set_input_files(str(not_a_model))
+    page.get_by_role("button", name="Deploy").press("Enter")
+    see(page.locator("#deploy-error")).to_contain_text("Model refused: no Paddle inference model found")
+    see(page.locator('#deploy-stages li[data-stage="check"]')).to_have_attribute("data-state", "failed")
     shot(page, "08-keyboard-deploy-form")
 
     page.get_by_role("link", name="Usage and invoices").focus()

@@ -83,17 +83,19 @@ export function render(container, ctx) {
     setStage("upload", "active");
     say("Uploading...");
     let lastPercent = -1;
+    let sent = false;
     try {
       await upload(`/v1/tenants/${enc(ctx.tenant)}/functions`, data, (done, total) => {
         const percent = total ? Math.round((100 * done) / total) : 0;
+        sent = total > 0 && done >= total;
         bar.value = Math.round(percent * 0.4); // the upload is the first 40 % of the bar
         if (percent !== lastPercent && percent % 25 === 0) say(`Uploading: ${percent} %`);
         lastPercent = percent;
       });
     } catch (e) {
-      setStage("upload", "failed");
+      setStage(sent ? "check" : "upload", "failed"); // sent whole: the platform refused what it unpacked
       say("");
-      error.textContent = `Upload refused: ${e.message}`;
+      error.textContent = `${sent ? "Model refused" : "Upload refused"}: ${e.message}`;
       submit.disabled = false;
       return;
     }
