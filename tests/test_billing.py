@@ -30,7 +30,7 @@ def billed_request_ids(data_dir) -> list[str]:
 
 def test_known_traffic_is_billed_exactly_and_reconciles_with_the_metrics(platform, models):
     acme = make_tenant(platform, "acme")
-    deploy(acme, "classify", models["mlp"])
+    deploy(acme, "classify", models["mlp"], {"idle_timeout_s": 600})  # no sleep, however slow the machine
     inputs, _ = example(models["mlp"])
     compute_us = []
     for _ in range(20):

@@ -313,7 +313,9 @@ class LocalBackend:
             if fn.config.fallback == "capacity" and engine == PADDLE:
                 await self._wait_for_quota(rs)
             worker = await self._take_worker(rs, engine)
-            await worker.load(fn.name, self._load_parameters(fn, engine), timeout=self._cold_timeout(fn))
+            waiting = any(not w.done() for w in rs.waiters)
+            parameters = {**self._load_parameters(fn, engine), "warm_up": not waiting}
+            await worker.load(fn.name, parameters, timeout=self._cold_timeout(fn))
         except _NotWanted:
             rs.starting -= 1
             return
