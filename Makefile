@@ -7,9 +7,10 @@ PYTHON ?= python3
 # uv from PATH when present, else the one pip installs (python -m uv works without PATH changes).
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests use for real: Prometheus (scraped in the cluster tests) and, when the machine has
-# no PostgreSQL server binaries, postgresql (the store's PostgreSQL test).
-APT_PACKAGES := prometheus
+# Debian packages the tests use for real: Prometheus and promtool (cluster tests), Chromium (portal tests, driven
+# by Playwright; no browser download), curl (the portal's copy-paste example is run as printed) and, when the
+# machine has no PostgreSQL server binaries, postgresql (the store's PostgreSQL test).
+APT_PACKAGES := prometheus chromium curl
 
 .PHONY: demo test setup lite system-packages lint bench clean
 
