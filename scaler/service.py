@@ -67,12 +67,22 @@ class ScalerService:
             self.board.observe(samples, self.clock())
 
     async def run_ticks(self) -> None:
+        failing_since: float | None = None  # a Prometheus outage is logged once a minute, not every tick
+        last_logged = 0.0
         while True:
             started = time.perf_counter()
             try:
                 await self.step()
+                if failing_since is not None:
+                    log.info("scaler ticks work again after %.0f s", started - failing_since)
+                    failing_since = None
             except Exception as exc:  # SourceError, timeouts, anything: the next tick tries again
-                log.warning("scaler tick failed, activity unchanged: %s", exc)
+                if failing_since is None or started - last_logged >= 60:
+                    failing_since = failing_since or started
+                    last_logged = started
+                    log.warning(
+                        "scaler tick failed, activity unchanged: %s", str(exc)[:300] or type(exc).__name__
+                    )
             spent = time.perf_counter() - started
             await asyncio.sleep(max(self.settings.tick_s - spent, 0.0))
 
