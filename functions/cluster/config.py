@@ -78,6 +78,8 @@ class ClusterConfig:
     """CPU request of a Lite replica."""
     lite_memory: str = "1Gi"
     """Memory request and limit of a Lite replica."""
+    trigger_type: str = "external-push"
+    """KEDA trigger: "external-push" streams wake-ups (StreamIsActive); "external" only polls IsActive."""
     polling_interval_s: int = 15
     """KEDA's pollingInterval; wake-ups do not wait for it (external-push streams them)."""
     quota: TenantQuota = TenantQuota()
@@ -105,4 +107,8 @@ class ClusterConfig:
         config = replace(cls(), **values)
         if config.mode not in ("knative", "deployment"):
             raise ValueError(f"PADDLEFN_K8S_MODE={config.mode!r}: use 'knative' or 'deployment'")
+        if config.trigger_type not in ("external-push", "external"):
+            raise ValueError(
+                f"PADDLEFN_K8S_TRIGGER_TYPE={config.trigger_type!r}: use 'external-push' or 'external'"
+            )
         return config

@@ -227,9 +227,10 @@ def _volumes() -> list[Obj]:
 
 
 def _trigger(fn: FunctionSpec, config: ClusterConfig) -> Obj:
-    # external-push: KEDA keeps a StreamIsActive stream open, so a wake signal scales 0 -> 1 at once.
+    # external-push: KEDA keeps a StreamIsActive stream open, so a wake signal scales 0 -> 1 at once
+    # ("external" works too, but then a wake-up waits for KEDA's next poll of IsActive).
     return {
-        "type": "external-push",
+        "type": config.trigger_type,
         "metadata": {
             "scalerAddress": config.scaler_address,
             "tenant": fn.tenant,

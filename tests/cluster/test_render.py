@@ -101,6 +101,14 @@ def test_a_cpu_function_runs_the_shared_image_without_a_gpu() -> None:
     assert container["args"][container["args"].index("--device") + 1] == "cpu"
 
 
+def test_the_trigger_can_be_the_polling_external_scaler() -> None:
+    scaled = function_objects(FUNCTIONS[0], ClusterConfig(mode="deployment", trigger_type="external"))[2]
+    assert scaled["spec"]["triggers"][0]["type"] == "external"
+    validate(scaled)
+    with pytest.raises(ValueError, match="TRIGGER_TYPE"):
+        ClusterConfig.from_env({"PADDLEFN_K8S_TRIGGER_TYPE": "push"})
+
+
 def test_request_timeouts_stay_within_knatives_limit() -> None:
     service = function_objects(FUNCTIONS[1], KNATIVE)[0]
     assert service["spec"]["template"]["spec"]["timeoutSeconds"] == 600
