@@ -189,6 +189,8 @@ def authenticate_device(platform: Platform, authorization: str | None) -> tuple[
                 select(EdgeDevice, Tenant.name)
                 .join(Tenant, EdgeDevice.tenant_id == Tenant.id)
                 .where(EdgeDevice.bundle_id == match.group(1))
+                # A tenant deleted and its id reused (SQLite may) does not inherit the old tenant's devices.
+                .where(Tenant.created_at <= EdgeDevice.created_at)
             ).first()
         if found is not None:
             row, tenant = found

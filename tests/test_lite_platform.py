@@ -203,6 +203,7 @@ def test_fallback_capacity_answers_from_lite_when_the_tenant_is_at_max_replicas(
 
     # The hog may sleep now; once it does, flex's primary has room and takes over.
     assert acme.http.patch("/v1/tenants/acme/functions/hog", json={"min_scale": 0}).status_code == 200
+    wait_for(lambda: view(acme, "hog")["state"] == "asleep", 60, what="the hog to sleep")
     wait_for(lambda: view(acme, "flex")["lite_replicas"] == 0, 120, what="the primary to replace Lite")
     r = infer(acme, "flex", inputs)
     assert r.headers["x-paddlefn-engine"] == "paddle-inference"
