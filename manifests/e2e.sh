@@ -31,7 +31,7 @@ cleanup() {
 }
 trap cleanup EXIT
 step() { printf '\n== %s\n' "$*"; }
-pods() { kubectl get pods -n "t-$TENANT" -l "paddlefn.dev/function=$FN,paddlefn.dev/variant=gpu" \
+pods() { kubectl get pods -n "t-$TENANT" -l "paddlefn.dev/function=$FN,paddlefn.dev/variant=primary" \
     --field-selector=status.phase=Running -o name 2>/dev/null | wc -l; }
 
 step "platform"

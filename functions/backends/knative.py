@@ -29,6 +29,7 @@ import httpx
 from functions.backends.base import PASSED_RESPONSE_HEADERS, Forwarded, Outgoing, WakeListener
 from functions.cluster.config import ClusterConfig, TenantQuota
 from functions.cluster.render import (
+    FALLBACK,
     FunctionSpec,
     Obj,
     function_objects,
@@ -95,7 +96,7 @@ def spec_of(fn: FunctionRecord, settings: Settings, gpu_allowed: bool = True) ->
     """The renderer's view of a function record, with platform defaults filled in; GPU_ALLOWED is the
     tenant's plan's say (without it, device "auto" runs on CPU, as in the embedded platform)."""
     c = fn.config
-    lite = bool(fn.manifest and fn.manifest.lite.get("available"))
+    converted = bool(fn.manifest and fn.manifest.lite.get("available"))
     return FunctionSpec(
         tenant=fn.tenant,
         name=fn.name,
@@ -109,9 +110,10 @@ def spec_of(fn: FunctionRecord, settings: Settings, gpu_allowed: bool = True) ->
         cold_start_timeout_s=c.cold_start_timeout_s or settings.cold_start_timeout_s,
         max_batch_size=c.batching.max_batch_size if c.batching else 0,
         max_queue_delay_ms=c.batching.max_queue_delay_ms if c.batching else 2.0,
-        lite=lite,
+        lite=converted and c.fallback != "none",
         # "auto" asks for a GPU on a cluster (that is what the shared image is for), when the plan allows one.
         gpu=c.device == "gpu" or (c.device == "auto" and gpu_allowed),
+        lite_only=c.device == "lite",
     )
 
 
@@ -246,7 +248,7 @@ class KnativeBackend:
             await asyncio.to_thread(self.kube.apply, obj)
         # A new version without a Lite model must not leave the old version's Lite service answering.
         names = {(o["kind"], o["metadata"]["name"]) for o in wanted}
-        for obj in function_objects(replace(spec, lite=True), self.config):
+        for obj in function_objects(replace(spec, lite=True, lite_only=False), self.config):
             if (obj["kind"], obj["metadata"]["name"]) not in names:
                 await asyncio.to_thread(self.kube.delete, obj)
 
@@ -254,7 +256,8 @@ class KnativeBackend:
         await self.deployed(fn)  # apply is create-or-update; Knative rolls a new revision when it must
 
     async def removed(self, fn: FunctionRecord) -> None:
-        everything = replace(spec_of(fn, self.settings), lite=True)  # whatever an earlier version had
+        # Whatever an earlier version had: both variants.
+        everything = replace(spec_of(fn, self.settings), lite=True, lite_only=False)
         for obj in reversed(function_objects(everything, self.config)):
             await asyncio.to_thread(self.kube.delete, obj)
         self._last_answer.pop(fn.key, None)
@@ -324,7 +327,7 @@ class KnativeBackend:
                 if (
                     spec.lite and self.config.lite_fallback and len(urls) == 1
                 ):  # the CPU stand-in wakes faster
-                    urls.append(function_url(spec, self.config, "lite") + request.path)
+                    urls.append(function_url(spec, self.config, FALLBACK) + request.path)
                 if time.perf_counter() - started > request.cold_start_timeout_s:
                     raise GatewayTimeout(
                         f"function {fn.label} did not wake within its cold-start timeout of "

@@ -6,6 +6,10 @@ Namespace, ResourceQuota (GPUs included), LimitRange, NetworkPolicy, ServiceAcco
 Per function, either (mode ``knative``) a Knative Service on the shared GPU image plus a Lite CPU Service,
 both with the HPA class and the autoscaler-keda extension's ScaledObject override pointing at our external
 scaler; or (mode ``deployment``) a Deployment + Service + KEDA ScaledObject per variant, without Knative.
+
+Variants: the *primary* service (named as the function) runs Paddle Inference on the shared image, on a GPU or
+on CPU, or Paddle Lite when the function's device is ``lite``; the *fallback* service (``{fn}-lite``, at most one
+replica) runs Paddle Lite beside it when the function asks for a fallback and its deploy produced a ``.nb``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ TENANT_LABEL, FUNCTION_LABEL, VARIANT_LABEL = (
 SERVICE_ACCOUNT, MODELS_CLAIM = "paddlefn-function", "models"
 PORT = 8080
 MODELS_MOUNT = "/models"
+PRIMARY, FALLBACK = "primary", "fallback"
 # Knative refuses timeoutSeconds above its max-revision-timeout-seconds (600 unless the operator raises it).
 KNATIVE_MAX_TIMEOUT_S = 600
 
@@ -48,8 +53,11 @@ class FunctionSpec:
     cold_start_timeout_s: float = 60.0
     max_batch_size: int = 0  # dynamic batching in the worker (0: off)
     max_queue_delay_ms: float = 2.0
-    lite: bool = False  # the deploy produced a Paddle Lite .nb that passed the golden check
-    gpu: bool = True  # the main service holds a GPU; False (function device "cpu") runs the same image on CPU
+    lite: bool = False  # a Lite fallback service beside the primary (fallback asked for, and a .nb exists)
+    gpu: bool = True  # the primary holds a GPU; False (device "cpu", or a plan without GPUs) runs it on CPU
+    lite_only: bool = (
+        False  # device "lite": the primary itself runs Paddle Lite (CPU), and there is no fallback
+    )
 
 
 def namespace_of(tenant: str, config: ClusterConfig) -> str:
@@ -153,7 +161,8 @@ def tenant_objects(tenant: str, config: ClusterConfig, quota: TenantQuota | None
 
 def function_objects(fn: FunctionSpec, config: ClusterConfig) -> list[Obj]:
     """The function's objects in the configured mode: GPU first, then the Lite fallback when there is one."""
-    variants = ["gpu", "lite"] if fn.lite and config.lite_fallback else ["gpu"]
+    fallback = fn.lite and not fn.lite_only and config.lite_fallback
+    variants = [PRIMARY, FALLBACK] if fallback else [PRIMARY]
     objects: list[Obj] = []
     for variant in variants:
         if config.mode == "knative":
@@ -165,7 +174,7 @@ def function_objects(fn: FunctionSpec, config: ClusterConfig) -> list[Obj]:
 
 def service_name(fn: FunctionSpec, variant: str) -> str:
     # Knative appends "-00001-deployment" to revision names: keep the service name well under 63.
-    base = fn.name if variant == "gpu" else f"{fn.name}-lite"
+    base = fn.name if variant == PRIMARY else f"{fn.name}-lite"
     if len(base) <= 46:
         return base
     return f"{base[:37].rstrip('-')}-{hashlib.sha256(base.encode()).hexdigest()[:8]}"
@@ -176,7 +185,7 @@ def _labels(fn: FunctionSpec, variant: str) -> dict[str, str]:
 
 
 def _container(fn: FunctionSpec, config: ClusterConfig, variant: str) -> Obj:
-    paddle = variant == "gpu"  # the main service runs Paddle Inference; the other one Paddle Lite
+    paddle = variant == PRIMARY and not fn.lite_only  # Paddle Inference; else Paddle Lite
     gpu = paddle and fn.gpu
     # The tenant's volume is the control plane's data_dir/tenants/{tenant} (shared RWX storage, docs/cluster.md).
     model_dir = f"{MODELS_MOUNT}/functions/{fn.name}/{fn.version}/serving"
@@ -243,7 +252,7 @@ def _trigger(fn: FunctionSpec, config: ClusterConfig) -> Obj:
 
 
 def scaled_object_spec(fn: FunctionSpec, config: ClusterConfig, variant: str, target_name: str) -> Obj:
-    max_scale = fn.max_scale if variant == "gpu" else 1  # the Lite service is a stand-in, not a second fleet
+    max_scale = fn.max_scale if variant == PRIMARY else 1  # the fallback is a stand-in, not a second fleet
     return {
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target_name},
         "minReplicaCount": fn.min_scale,
@@ -270,7 +279,7 @@ def knative_service(fn: FunctionSpec, config: ClusterConfig, variant: str) -> Ob
     annotations = {
         "autoscaling.knative.dev/class": "hpa.autoscaling.knative.dev",
         "autoscaling.knative.dev/min-scale": str(fn.min_scale),
-        "autoscaling.knative.dev/max-scale": str(fn.max_scale if variant == "gpu" else 1),
+        "autoscaling.knative.dev/max-scale": str(fn.max_scale if variant == PRIMARY else 1),
         "autoscaling.knative.dev/scaled-object-override": json.dumps(override, separators=(",", ":")),
         "paddlefn.dev/version": fn.version,
     }
@@ -343,7 +352,7 @@ def deployment_objects(fn: FunctionSpec, config: ClusterConfig, variant: str) ->
     return [deployment, service, scaled_object]
 
 
-def function_url(fn: FunctionSpec, config: ClusterConfig, variant: str = "gpu") -> str:
+def function_url(fn: FunctionSpec, config: ClusterConfig, variant: str = PRIMARY) -> str:
     """Where the gateway reaches a replica from inside the cluster (Knative's or our Service's DNS name)."""
     ns = namespace_of(fn.tenant, config)
     return config.function_url.format(service=service_name(fn, variant), namespace=ns).rstrip("/")

@@ -244,7 +244,7 @@ def test_a_new_version_without_a_lite_model_removes_the_old_lite_service(apiserv
     from runtime.spec import Manifest, ModelSpec
 
     def with_lite(available: bool) -> FunctionRecord:
-        fn = record()
+        fn = record(fallback="cold")
         fn.manifest = Manifest("legacy", "model.pdmodel", "model.pdiparams", False, "cpu", ModelSpec((), ()), "3.3.1",
                                lite={"available": available})  # fmt: skip
         return fn
@@ -267,3 +267,28 @@ def test_a_tenant_whose_plan_forbids_gpus_gets_cpu_replicas_for_auto(apiserver: 
     assert "nvidia.com/gpu" not in container["resources"]["requests"]
     quota = apiserver.get("v1", "ResourceQuota", "t-acme", "paddlefn-quota")
     assert quota["spec"]["hard"]["requests.nvidia.com/gpu"] == "0"
+
+
+def test_device_lite_makes_the_primary_a_lite_service_and_fallback_none_renders_no_fallback(
+    apiserver: StandInApiServer,
+) -> None:
+    from runtime.spec import Manifest, ModelSpec
+
+    def converted(**config: Any) -> FunctionRecord:
+        fn = record(**config)
+        fn.manifest = Manifest("legacy", "model.pdmodel", "model.pdiparams", False, "cpu", ModelSpec((), ()), "3.3.1",
+                               lite={"available": True})  # fmt: skip
+        return fn
+
+    run(backend_for(apiserver), lambda b: b.deployed(converted(device="lite", max_scale=3)))
+    services = [name for kind, _, name in apiserver.kinds() if kind == "Service"]
+    assert services == ["classify"]
+    template = apiserver.get("serving.knative.dev/v1", "Service", "t-acme", "classify")["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    assert container["args"][container["args"].index("--engine") + 1] == "lite"
+    assert "nvidia.com/gpu" not in container["resources"]["requests"]
+    assert template["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"] == "3"
+    run(backend_for(apiserver), lambda b: b.reconfigured(converted(fallback="none")))
+    assert [name for kind, _, name in apiserver.kinds() if kind == "Service"] == ["classify"]
+    run(backend_for(apiserver), lambda b: b.reconfigured(converted(fallback="cold")))
+    assert [name for kind, _, name in apiserver.kinds() if kind == "Service"] == ["classify", "classify-lite"]

@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 
 from functions.cluster.config import ClusterConfig, TenantQuota
-from functions.cluster.render import FunctionSpec, function_objects, service_name, tenant_objects
+from functions.cluster.render import (
+    FALLBACK,
+    PRIMARY,
+    FunctionSpec,
+    function_objects,
+    service_name,
+    tenant_objects,
+)
 from tests.cluster.schemas import validate
 
 KNATIVE = ClusterConfig()
@@ -139,7 +146,7 @@ def test_a_tenant_gets_a_fenced_namespace_with_a_gpu_quota() -> None:
 
 def test_long_names_stay_valid_and_distinct() -> None:
     long_a, long_b = FunctionSpec("a", "f" * 60 + "abc", "v1"), FunctionSpec("a", "f" * 60 + "abd", "v1")
-    names = {service_name(long_a, "gpu"), service_name(long_b, "gpu"), service_name(long_a, "lite")}
+    names = {service_name(long_a, PRIMARY), service_name(long_b, PRIMARY), service_name(long_a, FALLBACK)}
     assert len(names) == 3 and all(len(n) <= 46 for n in names)
 
 
