@@ -61,6 +61,7 @@ class Replica:
     in_flight: int = 0
     draining: bool = False
     engine: str = PADDLE
+    idle_since: float = field(default_factory=time.monotonic)  # when its last request ended
 
 
 @dataclass(eq=False)
@@ -130,6 +131,24 @@ class LocalBackend:
 
     async def start(self) -> None:
         self.pool.refill()
+        self._spawn_task(self._reap_fallbacks(), "reap-lite-fallbacks")
+
+    async def _reap_fallbacks(self) -> None:
+        """A Lite replica that stood in for a busy primary (fallback=capacity) goes once it has been idle for the
+        scale-down delay while its primary runs; one that stood in for a sleeping function goes with it."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for rs in list(self._sets.values()):
+                if not rs.replicas:
+                    continue
+                for replica in list(rs.fallback):
+                    if (
+                        replica.in_flight == 0
+                        and now - replica.idle_since >= self.settings.scale_down_delay_s
+                    ):
+                        log.info("%s: idle Lite fallback replica retired", rs.fn.label)
+                        self._retire(rs, replica)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -330,6 +349,10 @@ class LocalBackend:
             else:
                 rs.fail_waiters(Unavailable(f"function {fn.label} could not start: {reason}", retry_after=5))
             rs.desired = min(rs.desired, rs.count)
+            if (
+                rs.count == 0
+            ):  # no primary is coming: the Lite stand-in goes too (the next request tries again)
+                self._retire_fallback(rs)
             return
         rs.starting -= 1
         if self._sets.get(fn.key) is not rs or (rs.count >= rs.desired and not rs.waiters):
@@ -483,6 +506,7 @@ class LocalBackend:
 
     def _release(self, rs: ReplicaSet, replica: Replica) -> None:
         replica.in_flight -= 1
+        replica.idle_since = time.monotonic()
         rs.last_used = time.monotonic()
         if replica.draining:
             if replica.in_flight == 0 and replica.worker.alive:
