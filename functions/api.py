@@ -88,10 +88,11 @@ def whoami(platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
 
 
 @router.post("/tenants", status_code=201)
-def create_tenant(body: TenantIn, platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
+async def create_tenant(body: TenantIn, platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
     platform.require_admin(principal)
     with platform.audit.change(actor(principal), body.name, "tenant.create", body.name):
         tenant, row, key = platform.create_tenant(body.name)
+        await platform.tenant_created(body.name)
     return {"tenant": tenant_view(tenant, platform), "key": key_view(row, key.token)}
 
 

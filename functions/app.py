@@ -53,6 +53,8 @@ def create_app(
     def metrics(request: Request) -> Response:
         instance: Platform = request.app.state.platform
         instance.require_admin(instance.authenticate(request.headers.get("authorization")))
+        for fn in instance.registry.ready():  # held requests, read at scrape time (the scaler's queue signal)
+            instance.metrics.pending.labels(fn.tenant, fn.name).set(instance.backend.pending(fn))
         return Response(generate_latest(instance.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(gateway.HostRouting, domain=settings.domain)

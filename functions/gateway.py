@@ -141,6 +141,10 @@ async def _forward(
 ) -> Forwarded:
     """Forward to a replica; whatever happens, the request is counted and its usage recorded before returning."""
     platform.activator.begin(fn)
+    in_flight = platform.metrics.in_flight.labels(
+        fn.tenant, fn.name
+    )  # read by the KEDA scaler via Prometheus
+    in_flight.inc()
     forwarded = None
     status = 500
     try:
@@ -151,6 +155,7 @@ async def _forward(
         raise
     finally:
         platform.activator.end(fn)
+        in_flight.dec()
         fn.last_request_at = utcnow()
         seconds = time.perf_counter() - start
         await _account(platform, fn, request_id, started_at, seconds, status, bytes_in, forwarded)

@@ -74,9 +74,7 @@ class Platform:
         self.registry = Registry()
         self.metrics = Metrics()
         if backend is None:
-            from functions.backends.local import LocalBackend
-
-            backend = LocalBackend(settings)
+            backend = self._make_backend(settings)
         self.backend = backend
         self.ledger = Ledger(
             self.store,
@@ -112,6 +110,24 @@ class Platform:
         self.generated_admin_key: str | None = None  # set on a first start without PADDLEFN_ADMIN_KEY
         self.started_at = time.time()
 
+    def _make_backend(self, settings: Settings) -> Backend:
+        if settings.backend == "knative":
+            from functions.backends.knative import KnativeBackend
+            from functions.cluster.config import quota_from_limits
+
+            return KnativeBackend(settings, quota_of=lambda tenant: quota_from_limits(self.limits_of(tenant)))
+        if settings.backend != "local":
+            raise ValueError(f"PADDLEFN_BACKEND={settings.backend!r}: use local or knative")
+        from functions.backends.local import LocalBackend
+
+        return LocalBackend(settings)
+
+    async def tenant_created(self, name: str) -> None:
+        """Let the backend provision what a tenant needs (a namespace and its guard rails on Kubernetes)."""
+        hook = getattr(self.backend, "ensure_tenant", None)
+        if hook is not None:
+            await hook(name)
+
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
@@ -121,7 +137,8 @@ class Platform:
         self._load_functions()
         await self.ledger.start()
         await self.backend.start()
-        self._spawn(self.autoscaler.run(), "autoscaler")
+        if self.backend.name == "local":  # on Kubernetes, KEDA and our external scaler own scaling
+            self._spawn(self.autoscaler.run(), "autoscaler")
         self._spawn(self._bookkeeping(), "bookkeeping")
 
     async def close(self) -> None:
@@ -380,6 +397,9 @@ class Platform:
         tenant = self.get_tenant(name)
         for fn in self.registry.of_tenant(name):
             await self._remove_function(fn)
+        hook = getattr(self.backend, "remove_tenant", None)
+        if hook is not None:
+            await hook(name)
         with self.store.session() as s:
             s.execute(delete(ApiKey).where(ApiKey.tenant_id == tenant.id))
             s.execute(delete(Function).where(Function.tenant_id == tenant.id))

@@ -50,7 +50,8 @@ class Settings:
     admin_key: str = ""
     """Admin API key; when empty one is generated on first start and printed once."""
     backend: str = "local"
-    """Where replicas run: "local" (worker processes on this machine)."""
+    """Where replicas run: "local" (worker processes on this machine) or "knative" (Knative Services on
+    Kubernetes, scaled by KEDA through our external scaler; see docs/cluster.md)."""
 
     idle_timeout_s: float = 900.0
     """A function with no request for this long sleeps: its workers exit and free their memory."""
