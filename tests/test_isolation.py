@@ -69,8 +69,8 @@ def test_a_confined_process_sees_only_its_tenant_read_only_as_that_tenants_user(
 def test_platform_workers_run_confined_without_platform_secrets(platform, models):
     acme = make_tenant(platform, "acme")
     globex = make_tenant(platform, "globex")
-    deploy(acme, "classify", models["mlp"])
-    deploy(globex, "classify", models["mlp"])
+    deploy(acme, "classify", models["mlp"], {"idle_timeout_s": 600})  # stays warm while we look
+    deploy(globex, "classify", models["mlp"], {"idle_timeout_s": 600})
     [pid] = wait_for(lambda: replica_pids(platform, "acme", "classify"), what="acme's replica")
     status = Path(f"/proc/{pid}/status").read_text()
     uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
