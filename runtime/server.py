@@ -39,7 +39,7 @@ from starlette.routing import Route
 from runtime.batching import BatchShapeError, DynamicBatcher
 from runtime.engine import Engine, EngineError, EngineOutOfMemory
 from runtime.protocol import HEADER_LENGTH, InvalidRequest, decode_request, encode_response
-from runtime.spec import GOLDEN_INPUTS, Manifest
+from runtime.spec import GOLDEN_INPUTS, Manifest, ModelSpec, TensorSpec
 
 log = logging.getLogger("paddlefn.runtime")
 
@@ -353,6 +353,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _warm_protocol() -> None:
+    """Decode and encode one tiny request before any model arrives: first calls pay for lazy imports and caches
+    that a woken request should not."""
+    spec = ModelSpec((TensorSpec("x", "FP32", (-1, 4)),), (TensorSpec("y", "FP32", (-1, 4)),))
+    body = b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[0,1,2,3]}]}'
+    parsed = decode_request(body, None, spec)
+    encode_response("warm-up", parsed, {"y": parsed.inputs["x"]}, {})
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(
@@ -381,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
     )
     server = uvicorn.Server(config)
+
+    _warm_protocol()
 
     async def serve() -> None:
         if args.model_dir:

@@ -27,10 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from functions.backends.base import PASSED_RESPONSE_HEADERS, Forwarded, Outgoing, WakeListener
-from functions.backends.pool import NoCapacity, WorkerPool, WorkerProcess, WorkerStartError
+from functions.backends.pool import (
+    NoCapacity,
+    WorkerGone,
+    WorkerPool,
+    WorkerProcess,
+    WorkerStartError,
+    WorkerTimeout,
+)
 from functions.errors import GatewayTimeout, Unavailable
 from functions.registry import FunctionRecord
 from functions.settings import Settings
@@ -385,7 +390,9 @@ class LocalBackend:
                 return await pool.take()
             except NoCapacity as exc:
                 changed = pool.changed
-                if not self._evict_one(exclude=rs, engine=engine):
+                # Evict only when no slot is already on its way (a retiring worker exiting, a pool refill):
+                # otherwise each look would put another idle function to sleep for the same one slot.
+                if not pool.freeing and not self._evict_one(exclude=rs, engine=engine):
                     log.info("no worker slot for %s: %s; waiting", rs.fn.label, exc)
                 capacity_fallback = rs.fn.config.fallback == "capacity" and engine == PADDLE
                 if capacity_fallback:  # Lite answers now; the primary takes the next free slot
@@ -401,7 +408,7 @@ class LocalBackend:
                         retry_after=5,
                     ) from None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), remaining)
+                    await asyncio.wait_for(changed.wait(), min(remaining, 1.0))  # and look again each second
 
     def _idle_victims(self, exclude: ReplicaSet, engine: str) -> list[ReplicaSet]:
         return [
@@ -478,14 +485,14 @@ class LocalBackend:
             if asleep:
                 cold_start = time.perf_counter() - started
         try:
-            response = await replica.worker.client.post(
-                request.path, content=request.body, headers=request.headers, timeout=request.timeout_s
+            status, body, answer_headers = await replica.worker.post(
+                request.path, request.body, request.headers, request.timeout_s
             )
-        except httpx.TimeoutException:
+        except WorkerTimeout:
             raise GatewayTimeout(
                 f"function {fn.label} took longer than {request.timeout_s:g} s to answer"
             ) from None
-        except httpx.TransportError:
+        except WorkerGone:
             raise Unavailable(
                 f"the replica of {fn.label} stopped while handling this request "
                 f"({replica.worker.exit_reason()}); retry",
@@ -493,14 +500,14 @@ class LocalBackend:
             ) from None
         finally:
             self._release(rs, replica)
-        headers = {k: v for k in PASSED_RESPONSE_HEADERS if (v := response.headers.get(k)) is not None}
+        headers = {k: v for k in PASSED_RESPONSE_HEADERS if (v := answer_headers.get(k)) is not None}
         return Forwarded(
-            status=response.status_code,
-            body=response.content,
+            status=status,
+            body=body,
             headers=headers,
-            engine=response.headers.get("x-paddlefn-engine", ""),
-            device=response.headers.get("x-paddlefn-device", ""),
-            compute_ms=float(response.headers.get("x-paddlefn-compute-ms", 0.0)),
+            engine=answer_headers.get("x-paddlefn-engine", ""),
+            device=answer_headers.get("x-paddlefn-device", ""),
+            compute_ms=float(answer_headers.get("x-paddlefn-compute-ms", 0.0)),
             cold_start_s=cold_start,
         )
 

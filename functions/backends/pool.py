@@ -19,10 +19,11 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from functions.settings import Settings
@@ -51,6 +52,14 @@ class WorkerStartError(RuntimeError):
     pass
 
 
+class WorkerTimeout(Exception):
+    """The worker did not answer within the request's time limit."""
+
+
+class WorkerGone(Exception):
+    """The connection to the worker broke: it died (or was killed) while handling the request."""
+
+
 def worker_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k in _PASSED_ENV or k.startswith(_PASSED_PREFIXES)}
     env.update(
@@ -75,6 +84,11 @@ class WorkerProcess:
             base_url="http://worker",
             timeout=httpx.Timeout(60.0),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+        # The request path uses aiohttp: one round trip over the Unix socket costs ~0.45 ms against ~0.95 ms with
+        # httpx's async client (measured here with the mlp model); httpx stays for the rare control calls.
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=str(uds), limit=0), auto_decompress=False
         )
         self.stopping = False
         self.after_load: Callable[[], None] | None = None  # set by the pool: refill once this one is busy
@@ -108,6 +122,23 @@ class WorkerProcess:
         result: dict[str, Any] = response.json()
         return result
 
+    async def post(
+        self, path: str, body: bytes, headers: dict[str, str], timeout: float
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        """One inference request: (status, body, headers); WorkerTimeout or WorkerGone when it fails."""
+        try:
+            async with self.session.post(
+                f"http://worker{path}",
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                return response.status, await response.read(), response.headers
+        except TimeoutError:
+            raise WorkerTimeout from None
+        except aiohttp.ClientError:
+            raise WorkerGone from None
+
     async def stop(self, grace: float = 5.0) -> None:
         self.stopping = True
         self._loaded()  # taken but never loaded: its replacement is still owed
@@ -121,6 +152,7 @@ class WorkerProcess:
                     self.process.kill()
                 await self.process.wait()
         await self.client.aclose()
+        await self.session.close()
         with contextlib.suppress(FileNotFoundError):
             self.uds.unlink()
 
@@ -178,7 +210,7 @@ class WorkerPool:
         self.spawning = 0
         self._refilling = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.changed = asyncio.Event()  # set whenever a worker exits (capacity may have freed)
+        self.changed = asyncio.Event()  # set whenever a worker exits or joins the pool (one may be had)
         # Unix socket paths are limited to ~100 bytes, so sockets live in a short temporary folder.
         self._run_dir = Path(tempfile.mkdtemp(prefix="pfn-"))
         self._log_dir = settings.data_dir / "logs"
@@ -216,6 +248,16 @@ class WorkerPool:
         finally:
             self._refilling -= 1
         self.idle.append(worker)
+        self._signal()  # someone may be waiting for a worker
+
+    @property
+    def freeing(self) -> bool:
+        """A worker is on its way: being started for the pool, or a stopped one about to free its slot."""
+        return self._refilling > 0 or any(w.stopping for w in self.live)
+
+    def _signal(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     async def take(self) -> WorkerProcess:
         """A warm worker: from the pool when one is idle, else a new one (a slower, Python-start cold start).
@@ -290,6 +332,9 @@ class WorkerPool:
             info["warm_seconds"],
             info["gpu"],
         )
+        # Open the keep-alive connection and take the worker's HTTP path once now, not on a woken request.
+        with contextlib.suppress(httpx.HTTPError):
+            await worker.client.get("/v2/health/live", timeout=30)
         return worker
 
     async def _watch(self, worker: WorkerProcess) -> None:
@@ -299,8 +344,7 @@ class WorkerPool:
             self.idle.remove(worker)
         if not worker.stopping:
             log.warning("worker %d (pid %d) %s", worker.id, worker.pid, worker.exit_reason())
-        self.changed.set()
-        self.changed = asyncio.Event()
+        self._signal()
         self._on_exit(worker)
         self.refill()
 
