@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from functions.backends.pool import worker_env
@@ -27,8 +28,15 @@ class DeployFailed(Exception):
 
 
 async def prepare_model(
-    settings: Settings, model_dir: Path, out: Path, *, device: str, batching: bool
+    settings: Settings,
+    model_dir: Path,
+    out: Path,
+    *,
+    device: str,
+    batching: bool,
+    on_stage: Callable[[str], None] = lambda stage: None,
 ) -> Manifest:
+    """Run ``runtime.prepare`` in its own process; ON_STAGE hears each stage it reports as it begins."""
     args = [sys.executable, "-m", "runtime.prepare", str(model_dir), str(out), "--device", device]
     if batching:
         args.append("--batching")
@@ -38,9 +46,10 @@ async def prepare_model(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=worker_env(settings),
+        limit=16 * 1024 * 1024,  # the last line is the whole manifest
     )
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), settings.deploy_timeout_s)
+        stdout, stderr = await asyncio.wait_for(_communicate(process, on_stage), settings.deploy_timeout_s)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
@@ -62,16 +71,48 @@ async def prepare_model(
         )
     if result is None:
         tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise DeployFailed(f"preparing the model failed (status {process.returncode}): {' | '.join(tail)[:500]}")
+        raise DeployFailed(
+            f"preparing the model failed (status {process.returncode}): {' | '.join(tail)[:500]}"
+        )
     if "error" in result:
         raise DeployFailed(str(result["error"]))
     return Manifest.load(out)
 
 
+async def _communicate(
+    process: asyncio.subprocess.Process, on_stage: Callable[[str], None]
+) -> tuple[bytes, bytes]:
+    """Like ``communicate()``, but passes stage lines (``{"stage": ...}``) on as they arrive."""
+    assert process.stdout is not None and process.stderr is not None
+    errors = asyncio.ensure_future(process.stderr.read())
+    lines = []
+    try:
+        async for line in process.stdout:
+            lines.append(line)
+            stage = _stage_of(line)
+            if stage:
+                on_stage(stage)
+        await process.wait()
+        return b"".join(lines), await errors
+    finally:
+        errors.cancel()
+
+
+def _stage_of(line: bytes) -> str | None:
+    if not line.startswith(b'{"stage"'):
+        return None
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(line)
+        if isinstance(parsed, dict) and isinstance(parsed.get("stage"), str) and len(parsed) == 1:
+            return parsed["stage"]
+    return None
+
+
 def _last_json_line(stdout: bytes) -> dict[str, object] | None:
+    """The result: the last JSON line that is not a stage report."""
     for line in reversed(stdout.decode(errors="replace").splitlines()):
         line = line.strip()
-        if line.startswith("{"):
+        if line.startswith("{") and _stage_of(line.encode()) is None:
             with contextlib.suppress(ValueError):
                 parsed = json.loads(line)
                 if isinstance(parsed, dict):

@@ -490,6 +490,13 @@ class Platform:
         return record
 
     async def _deploy(self, record: FunctionRecord) -> None:
+        def on_stage(stage: str) -> None:
+            current = self.registry.get(record.tenant, record.name)  # a PATCH meanwhile replaces the record
+            for fn in {id(record): record, id(current): current}.values():
+                if fn is not None and fn.id == record.id:
+                    fn.stage = stage
+
+        on_stage("queued")  # behind other deploys (max_concurrent_deploys)
         try:
             async with self._deploys:
                 manifest = await prepare_model(
@@ -498,6 +505,7 @@ class Platform:
                     record.serving_dir,
                     device=self._device_for(record),
                     batching=record.config.batching is not None,
+                    on_stage=on_stage,
                 )
         except DeployFailed as exc:
             await self._finish_deploy(record, None, str(exc))
@@ -584,6 +592,7 @@ class Platform:
             "tenant": fn.tenant,
             "status": fn.status,
             "state": _state(fn, replicas, len(self.backend.replica_info(fn))),
+            "stage": fn.stage if fn.status == DEPLOYING else None,
             "replicas": replicas,
             "url": f"{self.settings.base_url}/t/{fn.tenant}/v2/models/{fn.name}",
             "host_url": f"http://{fn.name}.{fn.tenant}.{self.settings.domain}:{self.settings.port}/v2/models/{fn.name}",

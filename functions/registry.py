@@ -123,6 +123,9 @@ class FunctionRecord:
     updated_at: datetime
     last_request_at: datetime | None = None
     tenant_id: int = 0
+    stage: str | None = (
+        None  # while deploying: queued, loading, optimising, golden check, converting for Paddle Lite
+    )
 
     @property
     def key(self) -> tuple[str, str]:

@@ -140,4 +140,6 @@ def wait_for_deploy(
             if fn["status"] != "deploying" or time.monotonic() > deadline:
                 bar.update(task, total=1, completed=1, description=f"{tenant}/{name}: {fn['status']}")
                 return fn
+            if fn.get("stage"):
+                bar.update(task, description=f"{tenant}/{name}: {fn['stage']}")
             sleep(0.25)

@@ -51,7 +51,17 @@ class Candidate:
     ir_optim: bool
 
 
-def prepare(src: Path, out: Path, *, device: str = "auto", batching: bool = False) -> Manifest:
+def prepare(
+    src: Path,
+    out: Path,
+    *,
+    device: str = "auto",
+    batching: bool = False,
+    report: Callable[[str], None] = lambda stage: None,
+) -> Manifest:
+    """Optimise, check and install the model in SRC into OUT; REPORT is told each stage as it begins
+    (``loading``, ``optimising``, ``golden check``, ``converting for Paddle Lite``)."""
+    report("loading")
     try:
         files = find_model(src)
     except ModelFormatError as exc:
@@ -87,10 +97,12 @@ def prepare(src: Path, out: Path, *, device: str = "auto", batching: bool = Fals
         compared_with = "the unoptimised program"
 
     out.mkdir(parents=True, exist_ok=True)
+    report("optimising")
     chosen: Candidate | None = None
     failure = ""
     outputs: Outputs = {}
     for candidate in _candidates(files, out, use_gpu, notes):
+        report("golden check")
         try:
             outputs = _runner(candidate, use_gpu)(golden_inputs)
         except Exception as exc:
@@ -112,6 +124,7 @@ def prepare(src: Path, out: Path, *, device: str = "auto", batching: bool = Fals
     program, params = _install(chosen, out)
     np.savez(out / GOLDEN_INPUTS, **golden_inputs)  # type: ignore[arg-type]  # numpy stubs: **kwds vs allow_pickle
     np.savez(out / GOLDEN_OUTPUTS, **reference)  # type: ignore[arg-type]
+    report("converting for Paddle Lite")
     manifest = Manifest(
         format=files.format,
         program=program,
@@ -429,6 +442,12 @@ def _short(exc: BaseException) -> str:
     return picked[:400]
 
 
+def _print_stage(stage: str) -> None:
+    """One JSON line per stage on stdout, before the last line (the manifest, or the error): the platform shows
+    deploys' progress from them."""
+    print(json.dumps({"stage": stage}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.prepare", description=__doc__.split("\n")[0])
     p.add_argument("src", type=Path, help="unpacked model folder")
@@ -439,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GLOG_minloglevel", "2")
     start = time.perf_counter()
     try:
-        manifest = prepare(args.src, args.out, device=args.device, batching=args.batching)
+        manifest = prepare(
+            args.src, args.out, device=args.device, batching=args.batching, report=_print_stage
+        )
     except PrepareError as exc:
         print(json.dumps({"error": str(exc)}), flush=True)
         return 2

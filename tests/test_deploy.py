@@ -128,3 +128,31 @@ def test_patch_changes_config_and_delete_removes_the_function_and_its_artifacts(
     assert acme.http.get("/v1/tenants/acme/functions/classify").status_code == 404
     assert acme.http.post("/t/acme/v2/models/classify/infer", json=oip_body(inputs)).status_code == 404
     assert not list((platform.data_dir / "tenants" / "acme" / "functions").glob("classify/*"))
+
+
+def test_prepare_reports_its_stages_before_the_manifest(models, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime.prepare", str(models["mlp"]), str(tmp_path / "out"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    stages = [line["stage"] for line in lines[:-1]]
+    assert stages[:3] == ["loading", "optimising", "golden check"]
+    assert stages[-1] == "converting for Paddle Lite"
+    assert "spec" in lines[-1] and "stage" not in lines[-1]  # the manifest comes last
+
+
+def test_a_deploy_in_progress_shows_its_stage(acme, models):
+    r = upload(acme, "staged", model_tar(models["mlp"]))
+    assert r.status_code == 202
+    seen = []
+    while (fn := acme.http.get("/v1/tenants/acme/functions/staged").json())["status"] == "deploying":
+        if fn["stage"] and (not seen or seen[-1] != fn["stage"]):
+            seen.append(fn["stage"])
+    assert fn["status"] == "ready" and fn["stage"] is None
+    known = ["queued", "loading", "optimising", "golden check", "converting for Paddle Lite"]
+    assert seen and all(s in known for s in seen)
+    assert [known.index(s) for s in seen] == sorted(known.index(s) for s in seen)  # in order

@@ -7,9 +7,17 @@ import { enc } from "./common.js";
 const STAGES = [
   ["upload", "Upload the model"],
   ["check", "Unpack safely and detect the format"],
-  ["prepare", "Optimise, convert and run the golden check"],
+  ["optimise", "Optimise the program once"],
+  ["golden", "Golden check: the optimised outputs equal the examples"],
+  ["lite", "Convert for Paddle Lite and check it"],
   ["ready", "Ready to serve"],
 ];
+
+// The API's `stage` while a function deploys (runtime/prepare.py reports them) -> the step shown here.
+const API_STAGES = {
+  queued: "optimise", loading: "optimise", optimising: "optimise",
+  "golden check": "golden", "converting for Paddle Lite": "lite",
+};
 
 const WORDS = { todo: "", active: ": in progress", done: ": done", failed: ": failed" };
 
@@ -100,15 +108,19 @@ export function render(container, ctx) {
       return;
     }
     bar.value = 50;
-    setStage("prepare", "active");
+    setStage("optimise", "active");
     say(`${fnName}: deploying (optimising, converting and running the golden check)...`);
+    let current = "optimise";
     const started = Date.now();
     ctx.every(1000, async () => {
       const fn = await api(`/v1/tenants/${enc(ctx.tenant)}/functions/${enc(fnName)}`);
       if (fn.status === "deploying") {
         const seconds = Math.round((Date.now() - started) / 1000);
-        bar.value = Math.min(95, 50 + seconds); // no percentage from the API: creep towards the end
-        stageText.textContent = `${fnName}: deploying, ${seconds} s (optimising, converting and running the golden check)`;
+        current = API_STAGES[fn.stage] || current;
+        setStage(current, "active");
+        const step = STAGES.findIndex(([k]) => k === current);
+        bar.value = Math.min(95, 40 + 15 * (step - 1) + Math.min(14, seconds)); // steps of the bar, then creep
+        stageText.textContent = `${fnName}: ${fn.stage || "deploying"}, ${seconds} s`;
         return;
       }
       if (fn.status === "ready") {
@@ -118,7 +130,7 @@ export function render(container, ctx) {
         stageText.append(" ", h("a", { href: `#/functions/${enc(fnName)}`, id: "deploy-open" }, `Open ${fnName}`));
         announce(`${fnName} is ready`);
       } else {
-        setStage("prepare", "failed");
+        setStage(current, "failed");
         say(`${fnName}: deploy failed.`);
         error.textContent = `Deploy failed: ${fn.error}`;
       }
