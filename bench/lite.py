@@ -57,7 +57,6 @@ def main() -> None:
         tenant = platform.tenant("bench")
         for model in MODELS:
             body, headers = binary_request(example_inputs(model))
-            tenant.http.headers.update(headers)
             names = {side: f"{model.replace('_', '-')}-{side}" for side in SIDES}
             for side, config in SIDES.items():
                 platform.deploy(tenant, names[side], example_model(model), {**config, "idle_timeout_s": 1})
@@ -70,7 +69,7 @@ def main() -> None:
                     fn = names[side]
                     wait_until(lambda fn=fn: ready_for_a_cold_sample(platform, tenant, fn), 120, "sleep")
                     t0 = time.perf_counter()
-                    r = tenant.http.post(url[side], content=body)
+                    r = tenant.http.post(url[side], content=body, headers=headers)
                     cold[side].append(time.perf_counter() - t0)
                     r.raise_for_status()
                     engines[side].append(r.headers["x-paddlefn-engine"])
@@ -79,7 +78,7 @@ def main() -> None:
             for _ in range(args.warm):  # interleaved, keeping both warm
                 for side in warm:
                     t0 = time.perf_counter()
-                    tenant.http.post(url[side], content=body).raise_for_status()
+                    tenant.http.post(url[side], content=body, headers=headers).raise_for_status()
                     warm[side].append(time.perf_counter() - t0)
 
             for side in SIDES:
