@@ -31,7 +31,9 @@ class _Pending:
 
 
 class DynamicBatcher:
-    def __init__(self, run: RunFn, executor: Executor, *, max_batch_size: int, max_queue_delay_s: float) -> None:
+    def __init__(
+        self, run: RunFn, executor: Executor, *, max_batch_size: int, max_queue_delay_s: float
+    ) -> None:
         self._run = run
         self._executor = executor
         self.max_batch_size = max_batch_size
@@ -43,7 +45,9 @@ class DynamicBatcher:
         """Outputs for this request's rows and its share of the batch's compute seconds."""
         rows = int(next(iter(inputs.values())).shape[0])
         signature = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
-        future: asyncio.Future[tuple[dict[str, np.ndarray], float]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[dict[str, np.ndarray], float]] = (
+            asyncio.get_running_loop().create_future()
+        )
         await self._queue.put(_Pending(inputs, rows, signature, future, time.monotonic()))
         return await future
 

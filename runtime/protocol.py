@@ -147,11 +147,15 @@ def _decode_input(
         raise InvalidRequest(f"unknown input '{name}'; this model takes: {takes}")
     shape = raw.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise InvalidRequest(f"input '{name}': 'shape' must be a list of integers, expected {spec.describe()}")
+        raise InvalidRequest(
+            f"input '{name}': 'shape' must be a list of integers, expected {spec.describe()}"
+        )
     datatype = raw.get("datatype")
     if datatype != spec.datatype:
         hint = "" if datatype in OIP_TO_NUMPY else f" ({datatype!r} is not a supported datatype)"
-        raise InvalidRequest(f"input '{name}' has datatype {datatype}{hint} but the model expects {spec.describe()}")
+        raise InvalidRequest(
+            f"input '{name}' has datatype {datatype}{hint} but the model expects {spec.describe()}"
+        )
     if len(shape) != len(spec.shape) or any(
         d <= 0 or (want >= 0 and d != want) for d, want in zip(shape, spec.shape, strict=False)
     ):
@@ -182,11 +186,15 @@ def _json_tensor(name: str, data: Any, shape: list[int], spec: TensorSpec) -> np
     except ValueError:
         raise InvalidRequest(f"input '{name}': 'data' is a ragged nested list") from None
     if loose.size != math.prod(shape):
-        raise InvalidRequest(f"input '{name}': shape {shape} needs {math.prod(shape)} values, got {loose.size}")
+        raise InvalidRequest(
+            f"input '{name}': shape {shape} needs {math.prod(shape)} values, got {loose.size}"
+        )
     kind = loose.dtype.kind
     want = spec.dtype.kind
     if loose.size and not _kind_fits(kind, want):
-        raise InvalidRequest(f"input '{name}': 'data' holds {_kind_name(kind)} values but {spec.datatype} was declared")
+        raise InvalidRequest(
+            f"input '{name}': 'data' holds {_kind_name(kind)} values but {spec.datatype} was declared"
+        )
     if loose.size and want in "iuf":
         # A value the datatype cannot hold would wrap around (integers) or become inf (floats): refuse it.
         if want == "f":
@@ -231,6 +239,8 @@ def _decode_outputs(raw: Any, spec: ModelSpec, default_binary: bool) -> list[Req
             names = ", ".join(t.name for t in spec.outputs)
             raise InvalidRequest(f"unknown output '{item['name']}'; this model's outputs are: {names}")
         params = item.get("parameters") or {}
-        binary = bool(params.get("binary_data", default_binary)) if isinstance(params, dict) else default_binary
+        binary = (
+            bool(params.get("binary_data", default_binary)) if isinstance(params, dict) else default_binary
+        )
         wanted.append(RequestedOutput(item["name"], binary))
     return wanted or None

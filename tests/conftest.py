@@ -81,7 +81,10 @@ def binary_request(inputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]
         ]
     }).encode()  # fmt: skip
     body = header + b"".join(np.ascontiguousarray(a).tobytes() for a in inputs.values())
-    return body, {"inference-header-content-length": str(len(header)), "content-type": "application/octet-stream"}
+    return body, {
+        "inference-header-content-length": str(len(header)),
+        "content-type": "application/octet-stream",
+    }
 
 
 def outputs_of(response_json: dict[str, object]) -> dict[str, np.ndarray]:
@@ -89,7 +92,9 @@ def outputs_of(response_json: dict[str, object]) -> dict[str, np.ndarray]:
 
     result = {}
     for out in response_json["outputs"]:  # type: ignore[attr-defined]
-        result[out["name"]] = np.asarray(out["data"], dtype=OIP_TO_NUMPY[out["datatype"]]).reshape(out["shape"])
+        result[out["name"]] = np.asarray(out["data"], dtype=OIP_TO_NUMPY[out["datatype"]]).reshape(
+            out["shape"]
+        )
     return result
 
 
@@ -196,7 +201,9 @@ def make_tenant(p: PlatformProcess, name: str) -> Tenant:
     return Tenant(name, key, p.client(key))
 
 
-def deploy(t: Tenant, name: str, model: Path, config: dict[str, object] | None = None, wait: bool = True) -> dict:
+def deploy(
+    t: Tenant, name: str, model: Path, config: dict[str, object] | None = None, wait: bool = True
+) -> dict:
     import io
     import json
     import tarfile

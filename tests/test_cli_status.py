@@ -97,7 +97,10 @@ def test_errors_say_what_to_do(platform):
 
 def test_shell_completion_works_for_the_installed_command():
     paddlefn = str(Path(sys.executable).parent / "paddlefn")
-    env = {"PATH": "/usr/bin:/bin", "SHELL": "/bin/bash"}  # typer falls back to $SHELL when it cannot detect one
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "SHELL": "/bin/bash",
+    }  # typer falls back to $SHELL when it cannot detect one
     shown = subprocess.run([paddlefn, "--show-completion", "bash"], env=env, capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     assert "complete -o default -F _paddlefn_completion paddlefn" in shown.stdout
