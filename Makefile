@@ -18,6 +18,8 @@ demo: setup
 	.venv/bin/paddlefn demo
 
 test: setup system-packages
+	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 	.venv/bin/pytest $(PYTEST_ARGS)
 
 # The platform's own environment (.venv) and, beside it, the Paddle Lite one (.venv-lite, CPython 3.7:

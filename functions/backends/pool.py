@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -207,6 +208,9 @@ class WorkerPool:
         self._ids = itertools.count(1)
         self.idle: deque[WorkerProcess] = deque()
         self.live: set[WorkerProcess] = set()
+        self._created: weakref.WeakSet[WorkerProcess] = (
+            weakref.WeakSet()
+        )  # to close every HTTP session at the end
         self.spawning = 0
         self._refilling = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -311,6 +315,7 @@ class WorkerPool:
             finally:
                 os.close(write_fd)
         worker = WorkerProcess(wid, process, uds, log_path)
+        self._created.add(worker)
         self.live.add(worker)
         self._track(asyncio.create_task(self._watch(worker), name=f"watch-worker-{wid}"))
         try:
@@ -339,6 +344,7 @@ class WorkerPool:
 
     async def _watch(self, worker: WorkerProcess) -> None:
         await worker.process.wait()
+        await worker.session.close()  # however it ended; closing twice is harmless
         self.live.discard(worker)
         with contextlib.suppress(ValueError):
             self.idle.remove(worker)
@@ -360,6 +366,8 @@ class WorkerPool:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in list(self._created):
+            await worker.session.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
 
 
