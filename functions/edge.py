@@ -26,15 +26,16 @@ import re
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sqlalchemy import select, update
 from starlette.background import BackgroundTask
 from starlette.responses import FileResponse
 
-from functions.auth import MANAGE, Principal, hash_secret
+from functions.api import PlatformDep, PrincipalDep
+from functions.auth import MANAGE, hash_secret
 from functions.billing.ledger import row_of
 from functions.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthorized
 from functions.platform import Platform
@@ -50,19 +51,6 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # 500 records are ~200 KB
 KEY_HEADER = "x-paddlefn-device-key"
 BUNDLE_HEADER = "x-paddlefn-bundle-id"
 _KEY = re.compile(r"^pfe_(e[0-9a-f]{10})_([A-Za-z0-9_-]{20,})$")
-
-
-def get_platform(request: Request) -> Platform:
-    platform: Platform = request.app.state.platform
-    return platform
-
-
-def get_principal(request: Request) -> Principal | None:
-    return get_platform(request).authenticate(request.headers.get("authorization"))
-
-
-PlatformDep = Annotated[Platform, Depends(get_platform)]
-PrincipalDep = Annotated[Principal | None, Depends(get_principal)]
 
 
 class BundleIn(BaseModel):

@@ -85,6 +85,18 @@ async def infer(request: Request) -> Response:
     start = time.perf_counter()
     fn = resolve(platform, request, request.path_params["tenant"], request.path_params["model"])
     _serving(fn)
+    # Over the tenant's rate or concurrency: 429 before its body is even read; not forwarded, not billed.
+    platform.admission.enter(fn.tenant)
+    try:
+        return await _admitted(platform, request, fn, started_at, start)
+    finally:
+        platform.admission.leave(fn.tenant)
+
+
+async def _admitted(
+    platform: Platform, request: Request, fn: FunctionRecord, started_at: Any, start: float
+) -> Response:
+    """Read the body, hold a fair-queue slot and forward; usage is recorded whatever happens."""
     body = await _read_body(request, platform.settings.max_request_bytes)
     platform.activator.admit(fn, lambda: platform.registry.of_tenant(fn.tenant))
     headers = {"content-type": request.headers.get("content-type", "application/json")}
@@ -100,24 +112,20 @@ async def infer(request: Request) -> Response:
         timeout_s=fn.config.timeout_s or settings.request_timeout_s,
     )
     request_id = uuid.uuid4().hex
-    limits = platform.limits_of(fn.tenant)
-    # Over the tenant's rate or concurrency: 429, not forwarded, not billed.
-    platform.admission.enter(fn.tenant)
     try:
-        try:
-            await platform.fair.acquire(fn.tenant, limits.weight, outgoing.cold_start_timeout_s)
-        except TimeoutError:
-            raise Unavailable(
-                f"the platform is at capacity and function {fn.label} waited its turn for "
-                f"{outgoing.cold_start_timeout_s:g} s; retry later",
-                retry_after=2,
-            ) from None
-        try:
-            forwarded = await _forward(platform, fn, outgoing, request_id, started_at, start, len(body))
-        finally:
-            platform.fair.release()
+        await platform.fair.acquire(
+            fn.tenant, platform.limits_of(fn.tenant).weight, outgoing.cold_start_timeout_s
+        )
+    except TimeoutError:
+        raise Unavailable(
+            f"the platform is at capacity and function {fn.label} waited its turn for "
+            f"{outgoing.cold_start_timeout_s:g} s; retry later",
+            retry_after=2,
+        ) from None
+    try:
+        forwarded = await _forward(platform, fn, outgoing, request_id, started_at, start, len(body))
     finally:
-        platform.admission.leave(fn.tenant)
+        platform.fair.release()
     out_headers = {
         **forwarded.headers,
         "x-request-id": request_id,
@@ -143,7 +151,7 @@ async def _forward(
     platform.activator.begin(fn)
     in_flight = platform.metrics.in_flight.labels(
         fn.tenant, fn.name
-    )  # read by the KEDA scaler via Prometheus
+    )  # the KEDA scaler reads it via Prometheus
     in_flight.inc()
     forwarded = None
     status = 500

@@ -203,3 +203,11 @@ def test_deleting_a_tenant_removes_its_keys_functions_and_files(platform, two_te
     assert acme.http.get("/v1/whoami").status_code == 401
     assert acme.http.post("/t/acme/v2/models/classify/infer", json={"inputs": []}).status_code == 401
     assert not (platform.data_dir / "tenants" / "acme").exists()
+
+
+def test_audit_parameters_out_of_range_are_400s_that_say_so(platform, two_tenants):
+    acme, _ = two_tenants
+    r = acme.http.get("/v1/tenants/acme/audit", params={"limit": -1})
+    assert r.status_code == 400 and "limit" in r.json()["error"]
+    r = acme.http.get("/v1/tenants/acme/audit", params={"format": "xml"})
+    assert r.status_code == 400 and "format" in r.json()["error"]
