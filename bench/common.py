@@ -170,22 +170,10 @@ def example_inputs(name: str) -> dict[str, np.ndarray]:
 
 
 def binary_request(inputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
-    """An OIP request in the binary tensor extension (as tritonclient sends it): a JSON header, then raw
-    tensor bytes. A 224x224 image as JSON text would make the benchmark measure JSON encoding instead."""
-    from runtime.spec import oip_datatype
+    """An OIP request in the binary tensor extension (runtime.protocol.encode_binary_request)."""
+    from runtime.protocol import encode_binary_request
 
-    header = json.dumps({
-        "inputs": [
-            {"name": n, "shape": list(a.shape), "datatype": oip_datatype(a.dtype),
-             "parameters": {"binary_data_size": a.nbytes}}
-            for n, a in inputs.items()
-        ]
-    }).encode()  # fmt: skip
-    body = header + b"".join(np.ascontiguousarray(a).tobytes() for a in inputs.values())
-    return body, {
-        "inference-header-content-length": str(len(header)),
-        "content-type": "application/octet-stream",
-    }
+    return encode_binary_request(inputs)
 
 
 def http_client(**kw: Any) -> httpx.Client:

@@ -120,6 +120,20 @@ def encode_response(
     }
 
 
+def encode_binary_request(inputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """A client's OIP request in the binary tensor extension (as tritonclient sends it): a JSON header, then the
+    raw tensor bytes; returns (body, headers). For tests, benchmarks and tools: the server never sends one."""
+    header = orjson.dumps({
+        "inputs": [
+            {"name": n, "shape": list(a.shape), "datatype": oip_datatype(a.dtype),
+             "parameters": {"binary_data_size": a.nbytes}}
+            for n, a in inputs.items()
+        ]
+    })  # fmt: skip
+    body = header + b"".join(np.ascontiguousarray(a).tobytes() for a in inputs.values())
+    return body, {HEADER_LENGTH: str(len(header)), "content-type": "application/octet-stream"}
+
+
 def _split_body(body: bytes, header_length: int | None) -> tuple[Any, bytes]:
     if header_length is None:
         json_part, binary = body, b""

@@ -68,23 +68,10 @@ def oip_body(inputs: dict[str, np.ndarray]) -> dict[str, object]:
 
 
 def binary_request(inputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
-    """An OIP request in the binary tensor extension: JSON header, then the raw tensors."""
-    import json
+    """An OIP request in the binary tensor extension (runtime.protocol.encode_binary_request)."""
+    from runtime.protocol import encode_binary_request
 
-    from runtime.spec import oip_datatype
-
-    header = json.dumps({
-        "inputs": [
-            {"name": n, "shape": list(a.shape), "datatype": oip_datatype(a.dtype),
-             "parameters": {"binary_data_size": a.nbytes}}
-            for n, a in inputs.items()
-        ]
-    }).encode()  # fmt: skip
-    body = header + b"".join(np.ascontiguousarray(a).tobytes() for a in inputs.values())
-    return body, {
-        "inference-header-content-length": str(len(header)),
-        "content-type": "application/octet-stream",
-    }
+    return encode_binary_request(inputs)
 
 
 def outputs_of(response_json: dict[str, object]) -> dict[str, np.ndarray]:

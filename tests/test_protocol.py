@@ -624,3 +624,15 @@ def test_json_values_are_never_converted_silently(datatype: str, data: list[Any]
 
 def test_invalid_request_is_a_value_error() -> None:
     assert issubclass(InvalidRequest, ValueError)
+
+
+def test_the_client_side_binary_encoder_round_trips_through_the_decoder():
+    from runtime.protocol import encode_binary_request
+
+    spec = ModelSpec((TensorSpec("a", "FP32", (-1, 3)), TensorSpec("b", "INT64", (-1,))), ())
+    inputs = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([7, -8], dtype=np.int64)}
+    body, headers = encode_binary_request(inputs)
+    parsed = decode_request(body, int(headers["inference-header-content-length"]), spec)
+    for name, array in inputs.items():
+        np.testing.assert_array_equal(parsed.inputs[name], array)
+        assert parsed.inputs[name].dtype == array.dtype
