@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from functions.backends.pool import worker_env
 from functions.settings import Settings
@@ -35,11 +37,18 @@ async def prepare_model(
     device: str,
     batching: bool,
     on_stage: Callable[[str], None] = lambda stage: None,
+    confine: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Run ``runtime.prepare`` in its own process; ON_STAGE hears each stage it reports as it begins."""
+    """Run ``runtime.prepare`` in its own process; ON_STAGE hears each stage it reports as it begins.
+
+    CONFINE (``{"data_dir", "uid", ...}``, see ``runtime.prepare --confine``) confines it as the tenant's user to
+    the function's own folder before it reads the program: optimising and golden-checking run the tenant's
+    program, so they get no more rights than its serving workers."""
     args = [sys.executable, "-m", "runtime.prepare", str(model_dir), str(out), "--device", device]
     if batching:
         args.append("--batching")
+    if confine:
+        args += ["--confine", json.dumps(confine)]
     process = await asyncio.create_subprocess_exec(
         *args,
         stdin=asyncio.subprocess.DEVNULL,
@@ -47,21 +56,26 @@ async def prepare_model(
         stderr=asyncio.subprocess.PIPE,
         env=worker_env(settings),
         limit=16 * 1024 * 1024,  # the last line is the whole manifest
+        start_new_session=True,  # its own process group: a kill reaches whatever it started too
     )
     try:
         stdout, stderr = await asyncio.wait_for(_communicate(process, on_stage), settings.deploy_timeout_s)
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
+        _kill_group(process)
         await process.wait()
         raise DeployFailed(
-            f"preparing the model took longer than {settings.deploy_timeout_s:g} s (optimisation and golden check)"
+            f"preparing the model took longer than {settings.deploy_timeout_s:g} s (optimisation and golden "
+            "check) and was stopped; a program that never ends (a while loop whose condition stays true) does this"
         ) from None
-    except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
+    except asyncio.CancelledError:  # the function (or its tenant) was deleted meanwhile
+        _kill_group(process)
         raise
     result = _last_json_line(stdout)
+    if process.returncode == -signal.SIGXCPU and confine and confine.get("cpu_seconds"):
+        raise DeployFailed(
+            f"preparing the model used more than its {confine['cpu_seconds']} s of CPU time and was stopped; "
+            "a program that never ends (a while loop whose condition stays true) does this"
+        )
     if process.returncode and process.returncode < 0:
         name = signal.Signals(-process.returncode).name
         tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
@@ -77,6 +91,11 @@ async def prepare_model(
     if "error" in result:
         raise DeployFailed(str(result["error"]))
     return Manifest.load(out)
+
+
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 async def _communicate(

@@ -32,7 +32,8 @@ from functions.autoscaler import Autoscaler
 from functions.backends.base import Backend
 from functions.billing.ledger import Ledger
 from functions.billing.service import Billing
-from functions.deploy import DeployFailed, prepare_model
+from functions.deploy import DeployFailed
+from functions.deployqueue import DeployQueue
 from functions.errors import BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized
 from functions.fairqueue import FairQueue
 from functions.metrics import Metrics
@@ -52,6 +53,7 @@ from functions.store.models import utcnow
 from functions.usage import UsageSink
 from runtime.lite import unavailable_reason as lite_unavailable_reason
 from runtime.model_files import ModelFormatError, find_model
+from runtime.program_check import check_program
 from runtime.spec import Manifest
 
 log = logging.getLogger("paddlefn")
@@ -105,7 +107,8 @@ class Platform:
             quota(lambda tenant: self.limits_of(tenant).max_replicas)
         self.backend.on_wake(self.activator.touch)
         self.backend.on_wake(lambda fn: self.audit.record_soon(SYSTEM, fn.tenant, "function.wake", fn.name))
-        self._deploys = asyncio.Semaphore(settings.max_concurrent_deploys)
+        self._deploys = DeployQueue(settings.max_concurrent_deploys, settings.max_concurrent_deploys_per_tenant)
+        self._deploying: dict[int, asyncio.Task[Any]] = {}  # by function id: cancelled when it is deleted
         self._tasks: set[asyncio.Task[Any]] = set()
         self.generated_admin_key: str | None = None  # set on a first start without PADDLEFN_ADMIN_KEY
         self.started_at = time.time()
@@ -467,7 +470,7 @@ class Platform:
         limits = archive.Limits(self.settings.max_unpacked_bytes, self.settings.max_archive_files)
         try:
             await asyncio.to_thread(archive.unpack, upload, artifact_dir / "model", limits)
-            find_model(artifact_dir / "model")
+            check_program(find_model(artifact_dir / "model"))  # no file, print or network ops (400 naming it)
             self._check_storage(tenant, artifact_dir)
         except ModelFormatError as exc:
             shutil.rmtree(artifact_dir.parent, ignore_errors=True)
@@ -486,7 +489,9 @@ class Platform:
             raise Conflict(f"function '{name}' already exists in tenant '{tenant}'") from None
         record = self._record(row, tenant)
         self.registry.put(record)
-        self._spawn(self._deploy(record), f"deploy-{record.label}")
+        task = self._spawn(self._deploy(record), f"deploy-{record.label}")
+        self._deploying[record.id] = task
+        task.add_done_callback(lambda _: self._deploying.pop(record.id, None))
         return record
 
     async def _deploy(self, record: FunctionRecord) -> None:
@@ -496,13 +501,11 @@ class Platform:
                 if fn is not None and fn.id == record.id:
                     fn.stage = stage
 
-        on_stage("queued")  # behind other deploys (max_concurrent_deploys)
+        on_stage("queued")  # waiting for a fair turn (max_concurrent_deploys, and per tenant)
         try:
-            async with self._deploys:
-                manifest = await prepare_model(
-                    self.settings,
-                    record.artifact_dir / "model",
-                    record.serving_dir,
+            async with self._deploys.slot(record.tenant):
+                manifest = await self.backend.prepare(
+                    record,
                     device=self._device_for(record),
                     batching=record.config.batching is not None,
                     on_stage=on_stage,
@@ -577,6 +580,10 @@ class Platform:
 
     async def _remove_function(self, fn: FunctionRecord) -> None:
         self.registry.remove(fn.tenant, fn.name)
+        deploying = self._deploying.pop(fn.id, None)
+        if deploying is not None:  # stop its preparation (the process is killed), not just forget it
+            deploying.cancel()
+            await asyncio.gather(deploying, return_exceptions=True)
         await self.backend.removed(fn)
         self.activator.forget(fn)
         self.autoscaler.forget(fn)

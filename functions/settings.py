@@ -100,6 +100,12 @@ class Settings:
     """Time the deploy pipeline (optimisation, golden check) may take per model."""
     max_concurrent_deploys: int = 2
     """Deploys prepared at once; each needs a Paddle process and the model's memory."""
+    max_concurrent_deploys_per_tenant: int = 1
+    """Deploys of one tenant prepared at once; waiting tenants take turns (round-robin), so one tenant's burst
+    of deploys never holds every deploy slot."""
+    tenant_max_processes: int = 256
+    """Processes and threads that one tenant's confined workers and deploys may run at once (RLIMIT_NPROC of
+    its user): a fork bomb stops there."""
 
     usage_flush_interval_s: float = 0.1
     """How often the usage journal is moved into the database (records are durable before that)."""

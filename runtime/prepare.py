@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from runtime.model_files import EXAMPLE_INPUTS, EXAMPLE_OUTPUTS, ModelFiles, ModelFormatError, find_model
+from runtime.program_check import check_program
 from runtime.spec import GOLDEN_INPUTS, GOLDEN_OUTPUTS, Manifest, ModelSpec, TensorSpec, oip_datatype
 
 RTOL = 1e-3
@@ -64,6 +65,7 @@ def prepare(
     report("loading")
     try:
         files = find_model(src)
+        check_program(files)  # the platform checked the upload too; this holds wherever preparation runs
     except ModelFormatError as exc:
         raise PrepareError(str(exc)) from None
     import paddle
@@ -448,14 +450,39 @@ def _print_stage(stage: str) -> None:
     print(json.dumps({"stage": stage}), flush=True)
 
 
+def _confine(src: Path, out: Path, spec: dict[str, Any]) -> None:
+    """Before the tenant's program is even read: see only the function's own folder (SRC and OUT in it), as the
+    tenant's user, with no network, at a low priority, within CPU, file-size and process limits."""
+    from runtime.isolation import Limits, confine
+
+    folder = src.resolve().parent
+    if out.resolve().parent != folder:
+        raise SystemExit("--confine needs SRC and OUT side by side in one folder")
+    os.nice(10)  # deploys yield the CPU to serving
+    limits = Limits(
+        max_processes=int(spec.get("max_processes", 256)),
+        cpu_seconds=int(spec.get("cpu_seconds", 0)),
+        max_file_mb=int(spec.get("max_file_mb", 0)),
+    )
+    confine(folder, Path(spec["data_dir"]), int(spec["uid"]), writable=True, limits=limits)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m runtime.prepare", description=__doc__.split("\n")[0])
     p.add_argument("src", type=Path, help="unpacked model folder")
     p.add_argument("out", type=Path, help="folder to write the prepared model into")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--batching", action="store_true", help="check that the model can be batched")
+    p.add_argument(
+        "--confine",
+        type=json.loads,
+        help='JSON {"data_dir", "uid", "cpu_seconds", "max_file_mb", "max_processes"}: first confine this '
+        "process to the folder holding SRC and OUT, as that user (runtime.isolation)",
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("GLOG_minloglevel", "2")
+    if args.confine:
+        _confine(args.src, args.out, args.confine)
     start = time.perf_counter()
     try:
         manifest = prepare(

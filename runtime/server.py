@@ -162,10 +162,11 @@ class Worker:
     @staticmethod
     def _confine(spec: dict[str, Any]) -> bool:
         """Confine as asked; with ``required`` false, a machine that cannot (not root) serves unconfined."""
-        from runtime.isolation import confine
+        from runtime.isolation import Limits, confine
 
         try:
-            confine(Path(spec["tenant_dir"]), Path(spec["data_dir"]), int(spec["uid"]))
+            limits = Limits(max_processes=int(spec.get("max_processes", Limits.max_processes)))
+            confine(Path(spec["tenant_dir"]), Path(spec["data_dir"]), int(spec["uid"]), limits=limits)
         except OSError as exc:
             if spec.get("required"):
                 raise InvalidRequest(f"cannot confine the worker: {exc.strerror or exc}") from None

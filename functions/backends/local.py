@@ -25,9 +25,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from functions.backends.base import PASSED_RESPONSE_HEADERS, Forwarded, Outgoing, WakeListener
+from functions.deploy import prepare_model
 from functions.backends.pool import (
     NoCapacity,
     WorkerGone,
@@ -39,6 +41,7 @@ from functions.backends.pool import (
 from functions.errors import GatewayTimeout, Unavailable
 from functions.registry import FunctionRecord
 from functions.settings import Settings
+from runtime.spec import Manifest
 
 log = logging.getLogger("paddlefn.local")
 
@@ -214,6 +217,36 @@ class LocalBackend:
         if fn.config.uses_lite:
             self.lite_pool.activate(self.settings.lite_pool_size)
         return rs
+
+    async def prepare(
+        self, fn: FunctionRecord, *, device: str, batching: bool, on_stage: Callable[[str], None]
+    ) -> Manifest:
+        """Prepare in a process confined like FN's workers, as the tenant's user, seeing only the function's own
+        folder (writable: it writes the serving folder), with CPU, file-size and process limits."""
+        confine = None
+        if self._confining():
+            uid = self._uid(fn)
+            version_dir = fn.artifact_dir
+            await asyncio.to_thread(_chown_tree, version_dir, uid)
+            mib = 1024 * 1024
+            confine = {
+                "data_dir": str(self.settings.data_dir.resolve()),
+                "uid": uid,
+                "cpu_seconds": max(1, int(self.settings.deploy_timeout_s)),
+                "max_file_mb": self.settings.max_unpacked_bytes // mib + 64,
+                "max_processes": self.settings.tenant_max_processes,
+            }
+        return await prepare_model(
+            self.settings, fn.artifact_dir / "model", fn.serving_dir,
+            device=device, batching=batching, on_stage=on_stage, confine=confine,
+        )  # fmt: skip
+
+    def _confining(self) -> bool:
+        isolation = self.settings.worker_isolation
+        return isolation == "required" or (isolation == "auto" and os.geteuid() == 0)
+
+    def _uid(self, fn: FunctionRecord) -> int:
+        return self.settings.tenant_uid_base + fn.tenant_id
 
     async def deployed(self, fn: FunctionRecord) -> None:
         # As Knative's initial scale: a new function starts one replica so its first request is warm.
@@ -436,13 +469,13 @@ class LocalBackend:
         params: dict[str, Any] = {"model_dir": str(fn.serving_dir), "cpu_threads": self.settings.cpu_threads}
         if engine == LITE:
             params["engine"] = LITE
-        isolation = self.settings.worker_isolation
-        if isolation == "required" or (isolation == "auto" and os.geteuid() == 0):
+        if self._confining():
             params["confine"] = {
                 "tenant_dir": str((self.settings.data_dir / "tenants" / fn.tenant).resolve()),
                 "data_dir": str(self.settings.data_dir.resolve()),
-                "uid": self.settings.tenant_uid_base + fn.tenant_id,
-                "required": isolation == "required",
+                "uid": self._uid(fn),
+                "required": self.settings.worker_isolation == "required",
+                "max_processes": self.settings.tenant_max_processes,
             }
         if fn.config.batching and engine == PADDLE:
             params["max_batch_size"] = fn.config.batching.max_batch_size
@@ -541,3 +574,9 @@ class LocalBackend:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _chown_tree(folder: Path, uid: int) -> None:
+    """FOLDER and everything in it to UID (the tenant's own upload: its confined preparation writes beside it)."""
+    for path in [folder, *folder.rglob("*")]:
+        os.chown(path, uid, uid, follow_symlinks=False)

@@ -1,8 +1,11 @@
-"""Workers are confined to their own tenant's files, as the tenant's own user, with no platform secrets."""
+"""Whatever runs a tenant's program is confined: its own tenant's files only, as the tenant's own user, no network,
+private /tmp and /dev/shm, other processes out of sight, limits on processes; and no platform secrets."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -53,8 +56,6 @@ def test_a_confined_process_sees_only_its_tenant_read_only_as_that_tenants_user(
     if result.returncode and "unshare" in result.stderr:
         pytest.skip(f"no mount namespaces on this machine: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, result.stderr
-    import json
-
     seen = json.loads(result.stdout)
     assert seen["uid"] == seen["euid"] == UID_BASE + 1 and seen["groups"] == []
     assert seen["own"] == repr(b"secret of acme")
@@ -64,6 +65,48 @@ def test_a_confined_process_sees_only_its_tenant_read_only_as_that_tenants_user(
     assert seen["regain_root"] == "PermissionError"
     assert seen["import_after"] == "Decimal('1')"  # the interpreter's own files stay reachable
     assert (data / "paddlefn.db").read_bytes() == b"keys and usage"  # nothing changed outside
+
+
+def test_a_confined_process_has_no_network_private_tmp_and_sees_no_other_process(tmp_path: Path):
+    data = tmp_path / "data"
+    (data / "tenants" / "acme").mkdir(parents=True)
+    listener = socket.create_server(("127.0.0.1", 0))  # stands for the platform's own port
+    port = listener.getsockname()[1]
+    outside = Path("/tmp") / f"paddlefn-confinement-{os.getpid()}"
+    probe = textwrap.dedent(f"""
+        import json, os, resource, socket
+        from pathlib import Path
+        from runtime.isolation import Limits, confine
+        confine(Path({str(data / "tenants" / "acme")!r}), Path({str(data)!r}), {UID_BASE + 7},
+                limits=Limits(max_processes=64))
+        def attempt(action):
+            try:
+                return repr(action())
+            except OSError as exc:
+                return type(exc).__name__
+        def connect():
+            with socket.create_connection(("127.0.0.1", {port}), timeout=2):
+                return "connected"
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        print(json.dumps({{
+            "tmp_write": attempt(lambda: Path({str(outside)!r}).write_text("left behind")),
+            "shm_write": attempt(lambda: Path("/dev/shm/paddlefn-probe").write_text("x")),
+            "connect": attempt(connect),
+            "other_pids": sorted(int(p) for p in pids if int(p) != os.getpid()),
+            "parent_cmdline": attempt(lambda: Path("/proc/{os.getpid()}/cmdline").read_bytes()),
+            "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
+        }}))
+    """)
+    with listener:
+        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert seen["tmp_write"] != "OSError" and not outside.exists()  # it wrote into its own /tmp, not ours
+    assert not Path("/dev/shm/paddlefn-probe").exists()
+    assert seen["connect"] in ("OSError", "ConnectionRefusedError")  # network unreachable: no network at all
+    assert seen["other_pids"] == []  # the platform, other tenants: out of sight
+    assert seen["parent_cmdline"] in ("FileNotFoundError", "PermissionError")
+    assert seen["nproc"] == 64
 
 
 def test_platform_workers_run_confined_without_platform_secrets(platform, models):
