@@ -107,7 +107,9 @@ class Platform:
             quota(lambda tenant: self.limits_of(tenant).max_replicas)
         self.backend.on_wake(self.activator.touch)
         self.backend.on_wake(lambda fn: self.audit.record_soon(SYSTEM, fn.tenant, "function.wake", fn.name))
-        self._deploys = DeployQueue(settings.max_concurrent_deploys, settings.max_concurrent_deploys_per_tenant)
+        self._deploys = DeployQueue(
+            settings.max_concurrent_deploys, settings.max_concurrent_deploys_per_tenant
+        )
         self._deploying: dict[int, asyncio.Task[Any]] = {}  # by function id: cancelled when it is deleted
         self._tasks: set[asyncio.Task[Any]] = set()
         self.generated_admin_key: str | None = None  # set on a first start without PADDLEFN_ADMIN_KEY

@@ -64,10 +64,7 @@ class UnsafeProgram(ModelFormatError):
 
 def check_program(files: ModelFiles) -> None:
     """Raise UnsafeProgram if the program in FILES holds a denied op (in any block or region)."""
-    if files.format == "legacy":
-        ops = list(_legacy_ops(files.program))
-    else:
-        ops = list(_pir_ops(files.program))
+    ops = _legacy_ops(files.program) if files.format == "legacy" else _pir_ops(files.program)
     for op_type, attributes in ops:
         problem = refusal(op_type, attributes)
         if problem:
@@ -112,7 +109,8 @@ def _program_class() -> Any:
         name="BlockDesc", field=[field("ops", 4, f.TYPE_MESSAGE, repeated, ".paddlefn.program.OpDesc")]
     )
     program = descriptor_pb2.DescriptorProto(
-        name="ProgramDesc", field=[field("blocks", 1, f.TYPE_MESSAGE, repeated, ".paddlefn.program.BlockDesc")]
+        name="ProgramDesc",
+        field=[field("blocks", 1, f.TYPE_MESSAGE, repeated, ".paddlefn.program.BlockDesc")],
     )
     file = descriptor_pb2.FileDescriptorProto(
         name="paddlefn_program.proto", package="paddlefn.program", syntax="proto2",
@@ -148,7 +146,9 @@ def _pir_ops(program: Path) -> Iterator[tuple[str, set[str]]]:
     try:
         document = json.loads(program.read_bytes())
     except (ValueError, RecursionError) as exc:
-        raise ModelFormatError(f"{program.name} is not a Paddle 3 (PIR) program: {type(exc).__name__}") from None
+        raise ModelFormatError(
+            f"{program.name} is not a Paddle 3 (PIR) program: {type(exc).__name__}"
+        ) from None
     stack: list[Any] = [document]
     while stack:  # iterative: a hostile document may nest deeper than Python's recursion limit
         node = stack.pop()

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from functions.backends.base import PASSED_RESPONSE_HEADERS, Forwarded, Outgoing, WakeListener
-from functions.deploy import prepare_model
 from functions.backends.pool import (
     NoCapacity,
     WorkerGone,
@@ -38,6 +37,7 @@ from functions.backends.pool import (
     WorkerStartError,
     WorkerTimeout,
 )
+from functions.deploy import prepare_model
 from functions.errors import GatewayTimeout, Unavailable
 from functions.registry import FunctionRecord
 from functions.settings import Settings

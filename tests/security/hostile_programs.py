@@ -41,7 +41,9 @@ def file_op(out: Path, op_type: str, attr: str, value: str, sub_block: bool) -> 
         block.idx, block.parent_idx = len(desc.blocks) - 1, 0
     var = block.vars.add()
     var.name = "stolen"
-    var.type.type = framework_pb2.VarType.DENSE_TENSOR if hasattr(framework_pb2.VarType, "DENSE_TENSOR") else 7
+    var.type.type = (
+        framework_pb2.VarType.DENSE_TENSOR if hasattr(framework_pb2.VarType, "DENSE_TENSOR") else 7
+    )
     op = block.ops.add()
     op.type = op_type
     io = op.outputs.add() if op_type in ("read_file", "load", "load_combine") else op.inputs.add()

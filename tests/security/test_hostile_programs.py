@@ -163,7 +163,10 @@ def test_a_never_ending_program_is_stopped_while_another_tenants_deploy_proceeds
     fn = wait_status(other, "classify", timeout=120)
     assert fn["status"] == "ready", fn
     # The attacker still waits for its loops: one runs, one is queued behind it (its own turn, not everyone's)
-    statuses = {n: attacker.http.get(f"/v1/tenants/attacker/functions/{n}").json()["status"] for n in ("loop1", "loop2")}
+    statuses = {
+        n: attacker.http.get(f"/v1/tenants/attacker/functions/{n}").json()["status"]
+        for n in ("loop1", "loop2")
+    }
     assert "deploying" in statuses.values(), statuses
     for name in ("loop1", "loop2"):
         failed = wait_status(attacker, name, timeout=120)
