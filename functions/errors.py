@@ -83,6 +83,14 @@ class GatewayTimeout(PlatformError):
     status = 504
 
 
+class FunctionTimeout(GatewayTimeout):
+    """The function computed past its time limit: its worker is replaced, and the compute it burnt is billed."""
+
+    def __init__(self, message: str, *, compute_ms: float) -> None:
+        super().__init__(message)
+        self.compute_ms = compute_ms
+
+
 def error_response(exc: PlatformError) -> JSONResponse:
     return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 

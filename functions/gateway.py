@@ -21,6 +21,7 @@ from functions.backends.base import Forwarded, Outgoing
 from functions.errors import (
     Conflict,
     Forbidden,
+    FunctionTimeout,
     NotFound,
     PayloadTooLarge,
     PlatformError,
@@ -155,9 +156,13 @@ async def _forward(
     in_flight.inc()
     forwarded = None
     status = 500
+    overrun_ms = 0.0
     try:
         forwarded = await platform.backend.forward(fn, outgoing)
         status = forwarded.status
+    except FunctionTimeout as exc:
+        status, overrun_ms = exc.status, exc.compute_ms
+        raise
     except PlatformError as exc:
         status = exc.status
         raise
@@ -166,7 +171,7 @@ async def _forward(
         in_flight.dec()
         fn.last_request_at = utcnow()
         seconds = time.perf_counter() - start
-        await _account(platform, fn, request_id, started_at, seconds, status, bytes_in, forwarded)
+        await _account(platform, fn, request_id, started_at, seconds, status, bytes_in, forwarded, overrun_ms)
     return forwarded
 
 
@@ -179,7 +184,9 @@ async def _account(
     status: int,
     bytes_in: int,
     forwarded: Any,
+    overrun_ms: float = 0.0,
 ) -> None:
+    """Metrics and the usage record; OVERRUN_MS is the compute of a request that overran its time limit."""
     m = platform.metrics
     m.requests.labels(fn.tenant, fn.name, str(status)).inc()
     m.latency.labels(fn.tenant, fn.name).observe(seconds)
@@ -196,7 +203,7 @@ async def _account(
             function=fn.name,
             started_at=started_at,
             duration_ms=seconds * 1000,
-            compute_ms=forwarded.compute_ms if forwarded else 0.0,
+            compute_ms=forwarded.compute_ms if forwarded else overrun_ms,
             device=(forwarded.device if forwarded else "") or "cpu",
             cold_start=cold,
             status=status,

@@ -23,8 +23,9 @@ class UsageEvent:
 
     @property
     def billable(self) -> bool:
-        """Only answered requests are billed: not refusals (quota, bad key) nor platform faults."""
-        return 200 <= self.status < 300
+        """Answered requests are billed, and so are requests that computed past their time limit (504 with
+        compute: the worker burnt it); not refusals (quota, bad key) nor platform faults."""
+        return 200 <= self.status < 300 or (self.status == 504 and self.compute_ms > 0)
 
 
 class UsageSink(Protocol):

@@ -38,7 +38,7 @@ from functions.backends.pool import (
     WorkerTimeout,
 )
 from functions.deploy import prepare_model
-from functions.errors import GatewayTimeout, Unavailable
+from functions.errors import FunctionTimeout, GatewayTimeout, Unavailable
 from functions.registry import FunctionRecord
 from functions.settings import Settings
 from runtime.spec import Manifest
@@ -304,6 +304,16 @@ class LocalBackend:
         if replica.in_flight == 0:
             self._spawn_task(replica.worker.stop(), f"stop-worker-{replica.worker.id}")
 
+    def _kill(self, rs: ReplicaSet, replica: Replica, why: str) -> None:
+        """End REPLICA now (SIGKILL): it overran; the function's next request starts a fresh one."""
+        log.warning("%s: worker %d killed: %s", rs.fn.label, replica.worker.id, why)
+        replica.worker.stopping = True
+        replica.worker.kill()
+        self._retire(rs, replica)
+        rs.desired = min(rs.desired, rs.count)
+        if rs.waiters and rs.count == 0:  # requests queued behind it get a fresh replica
+            self._spawn_task(self.set_replicas(rs.fn, 1), f"restart-{rs.fn.label}")
+
     def _retire_fallback(self, rs: ReplicaSet) -> None:
         for replica in list(rs.fallback):
             log.info("%s: Lite fallback replica (worker %d) retired", rs.fn.label, replica.worker.id)
@@ -522,8 +532,12 @@ class LocalBackend:
                 request.path, request.body, request.headers, request.timeout_s
             )
         except WorkerTimeout:
-            raise GatewayTimeout(
-                f"function {fn.label} took longer than {request.timeout_s:g} s to answer"
+            # It is still computing, and would make the next request time out too: replace it.
+            self._kill(rs, replica, f"a request ran past its {request.timeout_s:g} s limit")
+            raise FunctionTimeout(
+                f"function {fn.label} took longer than {request.timeout_s:g} s to answer; its worker was "
+                "stopped and is replaced",
+                compute_ms=request.timeout_s * 1000,
             ) from None
         except WorkerGone:
             raise Unavailable(

@@ -139,6 +139,15 @@ class WorkerProcess:
             raise WorkerTimeout from None
         except aiohttp.ClientError:
             raise WorkerGone from None
+        except RuntimeError:  # "Session is closed": the worker exited between taking the slot and sending
+            if self.session.closed:
+                raise WorkerGone from None
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL, at once (a worker that overran its request's time limit); its watcher cleans up."""
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
 
     async def stop(self, grace: float = 5.0) -> None:
         self.stopping = True
@@ -344,14 +353,14 @@ class WorkerPool:
 
     async def _watch(self, worker: WorkerProcess) -> None:
         await worker.process.wait()
-        await worker.session.close()  # however it ended; closing twice is harmless
         self.live.discard(worker)
         with contextlib.suppress(ValueError):
             self.idle.remove(worker)
         if not worker.stopping:
             log.warning("worker %d (pid %d) %s", worker.id, worker.pid, worker.exit_reason())
         self._signal()
-        self._on_exit(worker)
+        self._on_exit(worker)  # out of its replica set first: no request may pick it once its session closes
+        await worker.session.close()  # however it ended; closing twice is harmless
         self.refill()
 
     def _track(self, task: asyncio.Task[Any]) -> None:
