@@ -74,7 +74,7 @@ def test_killing_a_worker_with_queued_requests_answers_503_never_500(platform, m
         statuses: list[int] = []
         errors: list[str] = []
 
-        def call() -> None:
+        def call(statuses: list[int] = statuses, errors: list[str] = errors) -> None:
             with httpx.Client(timeout=60) as client:
                 for _ in range(10):
                     r = client.post(url, json=body, headers=headers)
@@ -85,7 +85,7 @@ def test_killing_a_worker_with_queued_requests_answers_503_never_500(platform, m
         threads = [threading.Thread(target=call) for _ in range(8)]
         for t in threads:
             t.start()
-        wait_for(lambda: len(statuses) >= 5, timeout=60, what="requests flowing")
+        wait_for(lambda statuses=statuses: len(statuses) >= 5, timeout=60, what="requests flowing")
         os.kill(pid, signal.SIGKILL)
         for t in threads:
             t.join(120)
