@@ -20,6 +20,8 @@ from typing import IO
 from functions.errors import BadRequest, PayloadTooLarge
 
 _CHUNK = 1 << 20
+MAX_DEPTH = 32  # folders an entry may be nested in
+MAX_NAME = 1024  # characters of an entry's whole name
 # Errors of the decompressors that are not OSError: corrupt data inside a .tar.gz/.tar.xz or a .zip.
 _CORRUPT = (zlib.error, lzma.LZMAError)
 
@@ -60,7 +62,19 @@ def _safe_path(dest: Path, name: str) -> Path | None:
     parts = [p for p in pure.parts if p not in ("", ".")]
     if not parts:
         return None
+    if len(parts) > MAX_DEPTH or len(name) > MAX_NAME or any(len(p.encode()) > 255 for p in parts):
+        raise BadRequest(
+            f"archive entry '{name[:100]}...' is nested too deep or named too long: at most {MAX_DEPTH} folders, "
+            f"{MAX_NAME} characters in all and 255 bytes per name"
+        )
     return dest.joinpath(*parts)
+
+
+def _reason(exc: BaseException) -> str:
+    """An error's reason without the file names in it (they are the platform's paths, not the tenant's)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc)
 
 
 class _Budget:
@@ -115,7 +129,7 @@ def _unpack_tar(tar: tarfile.TarFile, dest: Path, limits: Limits) -> None:
     except FileExistsError as exc:
         raise BadRequest(f"archive holds '{Path(exc.filename).name}' twice") from None
     except (tarfile.TarError, EOFError, OSError, *_CORRUPT) as exc:
-        raise BadRequest(f"the archive is damaged or truncated: {exc}") from None
+        raise BadRequest(f"the archive is damaged or truncated: {_reason(exc)}") from None
 
 
 def _unpack_zip(archive: IO[bytes], dest: Path, limits: Limits) -> None:
@@ -144,4 +158,6 @@ def _unpack_zip(archive: IO[bytes], dest: Path, limits: Limits) -> None:
     except FileExistsError as exc:
         raise BadRequest(f"archive holds '{Path(exc.filename).name}' twice") from None
     except (zipfile.BadZipFile, EOFError, OSError, NotImplementedError, *_CORRUPT) as exc:
-        raise BadRequest(f"the archive is damaged or uses an unsupported compression: {exc}") from None
+        raise BadRequest(
+            f"the archive is damaged or uses an unsupported compression: {_reason(exc)}"
+        ) from None

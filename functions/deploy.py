@@ -40,6 +40,7 @@ async def prepare_model(
     confine: dict[str, Any] | None = None,
 ) -> Manifest:
     """Run ``runtime.prepare`` in its own process; ON_STAGE hears each stage it reports as it begins.
+    A failure's reason names files relative to the function's folder, never the host's paths.
 
     CONFINE (``{"data_dir", "uid", ...}``, see ``runtime.prepare --confine``) confines it as the tenant's user to
     the function's own folder before it reads the program: optimising and golden-checking run the tenant's

@@ -198,3 +198,23 @@ def _prepare_processes(data_dir: Path) -> list[int]:
             found.append(int(entry.name))
     time.sleep(0)  # a snapshot; the callers poll
     return found
+
+
+def test_a_deep_archive_path_is_refused_without_showing_host_paths(platform):
+    import io
+    import tarfile
+
+    acme = make_tenant(platform, "acme")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("/".join(["d" * 200] * 40) + "/model.pdmodel")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    r = acme.http.post(
+        "/v1/tenants/acme/functions",
+        data={"name": "deep", "config": "{}"},
+        files={"model": ("model.tar.gz", buf.getvalue(), "application/gzip")},
+    )
+    assert r.status_code == 400, r.text
+    assert "nested too deep" in r.json()["error"]
+    assert str(platform.data_dir.resolve()) not in r.text and "/tenants/" not in r.text
