@@ -52,6 +52,7 @@ class Limits:
     cpu_seconds: int = 0  # RLIMIT_CPU: a program that never ends is stopped at this much CPU time
     max_file_mb: int = 0  # RLIMIT_FSIZE: the largest file it may write
     tmp_mb: int = 64  # size of the private /tmp and /dev/shm
+    max_memory_mb: int = 0  # RLIMIT_AS: address space (Paddle reserves a lot of it: set with care)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -173,6 +174,8 @@ def _set_limits(limits: Limits) -> None:
         wanted.append((resource.RLIMIT_CPU, limits.cpu_seconds))
     if limits.max_file_mb:
         wanted.append((resource.RLIMIT_FSIZE, limits.max_file_mb * 1024 * 1024))
+    if limits.max_memory_mb:
+        wanted.append((resource.RLIMIT_AS, limits.max_memory_mb * 1024 * 1024))
     for which, value in wanted:
         _soft, hard = resource.getrlimit(which)
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)

@@ -463,6 +463,7 @@ def _confine(src: Path, out: Path, spec: dict[str, Any]) -> None:
         max_processes=int(spec.get("max_processes", 256)),
         cpu_seconds=int(spec.get("cpu_seconds", 0)),
         max_file_mb=int(spec.get("max_file_mb", 0)),
+        max_memory_mb=int(spec.get("max_memory_mb", 0)),
     )
     confine(folder, Path(spec["data_dir"]), int(spec["uid"]), writable=True, limits=limits)
 
@@ -476,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--confine",
         type=json.loads,
-        help='JSON {"data_dir", "uid", "cpu_seconds", "max_file_mb", "max_processes"}: first confine this '
-        "process to the folder holding SRC and OUT, as that user (runtime.isolation)",
+        help='JSON {"data_dir", "uid", "cpu_seconds", "max_file_mb", "max_memory_mb", "max_processes"}: confine '
+        "this process to the folder holding SRC and OUT, as that user, first (runtime.isolation)",
     )
     args = p.parse_args(argv)
     os.environ.setdefault("GLOG_minloglevel", "2")

@@ -235,6 +235,7 @@ class LocalBackend:
                 "cpu_seconds": max(1, int(self.settings.deploy_timeout_s)),
                 "max_file_mb": self.settings.max_unpacked_bytes // mib + 64,
                 "max_processes": self.settings.tenant_max_processes,
+                "max_memory_mb": self.settings.worker_memory_mb,  # the same memory limit as its workers
             }
         return await prepare_model(
             self.settings, fn.artifact_dir / "model", fn.serving_dir,
