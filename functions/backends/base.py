@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from functions.registry import FunctionRecord
+from runtime.spec import Manifest
 
 # Headers a replica's answer keeps on its way back to the client.
 PASSED_RESPONSE_HEADERS = ("content-type", "inference-header-content-length")
@@ -44,6 +45,13 @@ class Backend(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    async def prepare(
+        self, fn: FunctionRecord, *, device: str, batching: bool, on_stage: Callable[[str], None]
+    ) -> Manifest:
+        """Optimise and golden-check FN's uploaded model (``runtime.prepare``) where the tenant's code runs,
+        never in the platform's own process; ON_STAGE hears each stage. Raises functions.deploy.DeployFailed
+        with the reason; a cancelled deploy leaves nothing running."""
 
     async def deployed(self, fn: FunctionRecord) -> None:
         """A function became ready (deploy succeeded, or the platform restarted with it)."""

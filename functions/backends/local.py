@@ -36,9 +36,11 @@ from functions.backends.pool import (
     WorkerStartError,
     WorkerTimeout,
 )
+from functions.deploy import prepare_model
 from functions.errors import GatewayTimeout, Unavailable
 from functions.registry import FunctionRecord
 from functions.settings import Settings
+from runtime.spec import Manifest
 
 log = logging.getLogger("paddlefn.local")
 
@@ -214,6 +216,19 @@ class LocalBackend:
         if fn.config.uses_lite:
             self.lite_pool.activate(self.settings.lite_pool_size)
         return rs
+
+    async def prepare(
+        self, fn: FunctionRecord, *, device: str, batching: bool, on_stage: Callable[[str], None]
+    ) -> Manifest:
+        """In its own process on this machine (``functions.deploy.prepare_model``)."""
+        return await prepare_model(
+            self.settings,
+            fn.artifact_dir / "model",
+            fn.serving_dir,
+            device=device,
+            batching=batching,
+            on_stage=on_stage,
+        )
 
     async def deployed(self, fn: FunctionRecord) -> None:
         # As Knative's initial scale: a new function starts one replica so its first request is warm.
