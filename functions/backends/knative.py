@@ -319,6 +319,10 @@ class KnativeBackend:
         everything = replace(spec_of(fn, self.settings), lite=True, lite_only=False)
         for obj in reversed(function_objects(everything, self.config)):
             await asyncio.to_thread(self.kube.delete, obj)
+        # A deploy still preparing: its Job goes too (its wait then ends with "deleted before it finished").
+        await asyncio.to_thread(
+            self.kube.delete, prepare_job(PrepareSpec(fn.tenant, fn.name, fn.version), self.config)
+        )
         self._last_answer.pop(fn.key, None)
 
     # --- deploy preparation: a Job in the tenant's namespace ----------------------------------------------------

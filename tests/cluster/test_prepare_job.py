@@ -336,6 +336,24 @@ def test_a_cancelled_prepare_deletes_its_job_and_its_pod(apiserver: StandInApiSe
     assert apiserver.find("batch/v1", "Job", "t-acme") == [] and apiserver.find("v1", "Pod", "t-acme") == []
 
 
+def test_removing_a_function_while_it_prepares_deletes_its_job_and_ends_the_wait(
+    apiserver: StandInApiServer, data_dir: Path
+) -> None:
+    fn = uploaded(data_dir)
+    backend = backend_for(apiserver, data_dir)
+
+    def act(kubelet: Kubelet, job: dict[str, Any]) -> None:
+        kubelet.start_pod("Running")
+        asyncio.run(backend.removed(fn))  # as the platform's delete_function, from another thread here
+
+    gone = pytest.raises(
+        DeployFailed, match=r"the preparation Job t-acme/prepare-classify-\w+ was deleted before"
+    )
+    with Kubelet(apiserver, data_dir / "tenants" / "acme", act), gone:
+        prepare(backend, fn)
+    assert (JOB, "Background") in apiserver.deletions and apiserver.find("v1", "Pod", "t-acme") == []
+
+
 def test_a_passing_api_server_error_does_not_fail_the_deploy(
     apiserver: StandInApiServer, data_dir: Path
 ) -> None:
