@@ -232,3 +232,14 @@ def test_prepare_pods_are_under_the_tenant_policies_and_get_no_traffic_at_all() 
     assert prepare["podSelector"]["matchLabels"].items() <= labels.items()
     assert prepare["policyTypes"] == ["Ingress", "Egress"]
     assert "ingress" not in prepare and "egress" not in prepare  # nothing allowed either way
+
+
+def test_prepare_settings_come_from_the_environment_with_their_types() -> None:
+    env = {
+        "PADDLEFN_K8S_PREPARE_POLL_S": "0.5",
+        "PADDLEFN_K8S_PREPARE_TTL_S": "60",
+        "PADDLEFN_K8S_PREPARE_CPU": "4",
+    }
+    config = ClusterConfig.from_env(env)
+    assert (config.prepare_poll_s, config.prepare_ttl_s, config.prepare_cpu) == (0.5, 60, "4")
+    assert prepare_job(PrepareSpec("acme", "f", "v1"), config)["spec"]["ttlSecondsAfterFinished"] == 60
