@@ -49,8 +49,9 @@ class Backend(Protocol):
     async def prepare(
         self, fn: FunctionRecord, *, device: str, batching: bool, on_stage: Callable[[str], None]
     ) -> Manifest:
-        """Optimise and golden-check FN's upload into its serving folder, where that tenant's code runs (confined
-        as the tenant, never inside the control plane); functions.deploy.DeployFailed says why it cannot."""
+        """Optimise and golden-check FN's uploaded model (``runtime.prepare``) where the tenant's code runs
+        (confined as the tenant), never in the platform's own process; ON_STAGE hears each stage. Raises
+        functions.deploy.DeployFailed with the reason; a cancelled deploy leaves nothing running."""
         ...
 
     async def deployed(self, fn: FunctionRecord) -> None:

@@ -4,6 +4,10 @@ The only module that imports the ``kubernetes`` client. Objects come from ``func
 dicts) and are applied with server-side apply (one PATCH per object, create or update, field manager
 ``paddlefn``), so re-applying is always safe and fields other controllers own (KEDA's replicas) are left alone.
 
+Deploy preparation (``prepare``) never runs in the control plane's pod, which holds the database URL and the admin
+key: it is a Job in the tenant's namespace (``render.prepare_job``), polled until it is over; the platform reads the
+manifest it wrote from the shared volume, and turns a failure into a ``DeployFailed`` with the pod's own reason.
+
 Scaling belongs to KEDA, driven by our external scaler (``python -m scaler``): ``set_replicas(fn, n > 0)`` and
 a request that finds its function asleep only send the scaler a wake signal; sleeping is KEDA's
 ``cooldownPeriod``. The embedded autoscaler loop must therefore not run with this backend.
@@ -18,6 +22,7 @@ Errors, classified in one place (``_classify``)::
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -27,18 +32,25 @@ from typing import Any
 import httpx
 
 from functions.backends.base import PASSED_RESPONSE_HEADERS, Forwarded, Outgoing, WakeListener
+from functions.cluster import job_status
 from functions.cluster.config import ClusterConfig, TenantQuota
 from functions.cluster.render import (
     FALLBACK,
+    JOB_NAME_LABEL,
+    PREPARE,
     FunctionSpec,
     Obj,
+    PrepareSpec,
     function_objects,
     function_url,
+    prepare_job,
     tenant_objects,
 )
+from functions.deploy import DeployFailed
 from functions.errors import GatewayTimeout
 from functions.registry import FunctionRecord
 from functions.settings import Settings
+from runtime.spec import Manifest
 
 log = logging.getLogger("paddlefn.knative")
 
@@ -54,11 +66,15 @@ BUILT_IN: dict[tuple[str, str], tuple[str, str, bool]] = {
     ("v1", "Service"): ("CoreV1Api", "service", True),
     ("networking.k8s.io/v1", "NetworkPolicy"): ("NetworkingV1Api", "network_policy", True),
     ("apps/v1", "Deployment"): ("AppsV1Api", "deployment", True),
+    ("batch/v1", "Job"): ("BatchV1Api", "job", True),
 }
 CUSTOM = {
     ("serving.knative.dev/v1", "Service"): "services",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
 }
+# Deleting these without a propagation policy orphans their pods (batch/v1 keeps that old default).
+DELETE_BACKGROUND = {("batch/v1", "Job")}
+LOG_TAIL_LINES = 50  # of a preparation pod's log, for its last stage line
 # Retry-able causes that reach us as HTTP answers from the API server.
 TEMPORARY_STATUS = {429, 500, 502, 503, 504}
 
@@ -124,7 +140,7 @@ class KubeObjects:
         from kubernetes import client
 
         self.api_client = api_client
-        names = ("CoreV1Api", "NetworkingV1Api", "AppsV1Api", "CustomObjectsApi")
+        names = ("CoreV1Api", "NetworkingV1Api", "AppsV1Api", "BatchV1Api", "CustomObjectsApi")
         self._apis = {name: getattr(client, name)(api_client) for name in names}
 
     def apply(self, obj: Obj) -> None:
@@ -161,7 +177,9 @@ class KubeObjects:
                 return
             api, suffix, namespaced = BUILT_IN[key]
             if namespaced:
-                getattr(self._apis[api], f"delete_namespaced_{suffix}")(meta["name"], meta["namespace"])
+                options = {"propagation_policy": "Background"} if key in DELETE_BACKGROUND else {}
+                method = getattr(self._apis[api], f"delete_namespaced_{suffix}")
+                method(meta["name"], meta["namespace"], **options)
             else:
                 getattr(self._apis[api], f"delete_{suffix}")(meta["name"])
         except ApiException as exc:
@@ -170,8 +188,49 @@ class KubeObjects:
         except Exception as exc:
             raise _classify(exc, f"delete {obj['kind']} {meta['name']}") from exc
 
+    def read(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None:
+        """The object as the API server's JSON (status included), or None when there is none."""
+        from kubernetes.client.exceptions import ApiException
+
+        api, suffix, _ = BUILT_IN[(api_version, kind)]
+        method = getattr(self._apis[api], f"read_namespaced_{suffix}")
+        try:
+            return _json_of(method(name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _classify(exc, f"read {kind} {namespace}/{name}") from exc
+        except Exception as exc:
+            raise _classify(exc, f"read {kind} {namespace}/{name}") from exc
+
+    def list_pods(self, namespace: str, label_selector: str) -> list[Obj]:
+        try:
+            answer = self._apis["CoreV1Api"].list_namespaced_pod(
+                namespace, label_selector=label_selector, _preload_content=False
+            )
+            return list(_json_of(answer).get("items") or [])
+        except Exception as exc:
+            raise _classify(exc, f"list pods {namespace} {label_selector}") from exc
+
+    def pod_log(self, namespace: str, name: str, container: str, tail_lines: int) -> str:
+        # Raw: the typed client parses a log that happens to be one JSON line into a dict.
+        try:
+            answer = self._apis["CoreV1Api"].read_namespaced_pod_log(
+                name, namespace, container=container, tail_lines=tail_lines, _preload_content=False
+            )
+            return bytes(answer.data).decode(errors="replace")
+        except Exception as exc:
+            raise _classify(exc, f"read the log of pod {namespace}/{name}") from exc
+
     def close(self) -> None:
         self.api_client.close()
+
+
+def _json_of(answer: Any) -> Obj:
+    parsed = json.loads(answer.data)
+    if not isinstance(parsed, dict):
+        raise TemporaryClusterError(f"the API server answered {type(parsed).__name__}, not an object")
+    return parsed
 
 
 def default_api_client() -> Any:
@@ -260,7 +319,94 @@ class KnativeBackend:
         everything = replace(spec_of(fn, self.settings), lite=True, lite_only=False)
         for obj in reversed(function_objects(everything, self.config)):
             await asyncio.to_thread(self.kube.delete, obj)
+        # A deploy still preparing: its Job goes too (its wait then ends with "deleted before it finished").
+        await asyncio.to_thread(
+            self.kube.delete, prepare_job(PrepareSpec(fn.tenant, fn.name, fn.version), self.config)
+        )
         self._last_answer.pop(fn.key, None)
+
+    # --- deploy preparation: a Job in the tenant's namespace ----------------------------------------------------
+
+    async def prepare(
+        self, fn: FunctionRecord, *, device: str, batching: bool, on_stage: Callable[[str], None]
+    ) -> Manifest:
+        """Optimise and golden-check FN's uploaded model in a Job that runs as the tenant (never in this pod);
+        ON_STAGE hears where it is. The Job is deleted when it is over, and when the deploy is cancelled."""
+        if fn.tenant not in self._tenants:
+            await self.ensure_tenant(fn.tenant)
+        spec = PrepareSpec(fn.tenant, fn.name, fn.version, device, batching, self.settings.deploy_timeout_s)
+        job = prepare_job(spec, self.config)
+        # The Job's writable mount is a subPath: the platform makes it, as it made model/, so that it is the
+        # platform's (and the runtime image's) user's, not one the kubelet makes as root.
+        await asyncio.to_thread(fn.serving_dir.mkdir, parents=True, exist_ok=True)
+        on_stage(job_status.PREPARING)
+        try:
+            await asyncio.to_thread(self.kube.apply, job)
+            await self._await_job(job, device, on_stage)
+        finally:  # also on CancelledError, which goes on up once the Job is gone
+            await self._delete_quietly(job)
+        try:
+            return await asyncio.to_thread(Manifest.load, fn.serving_dir)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DeployFailed(
+                f"the preparation Job succeeded but its result is not in {fn.serving_dir} ({exc}): the platform's "
+                "data volume and the tenant's models volume must be the same storage (docs/cluster.md)"
+            ) from exc
+
+    async def _await_job(self, job: Obj, device: str, on_stage: Callable[[str], None]) -> None:
+        """Poll the Job and its pod until the Job is over; return on success, raise DeployFailed otherwise."""
+        meta = job["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        timeout_s = self.settings.deploy_timeout_s
+        deadline = time.monotonic() + timeout_s + self.config.prepare_grace_s
+        shown, printed = job_status.PREPARING, None
+        pod: job_status.PodView | None = None
+        while True:
+            try:
+                status = await asyncio.to_thread(self.kube.read, "batch/v1", "Job", namespace, name)
+                if status is None:
+                    raise DeployFailed(
+                        f"the preparation Job {namespace}/{name} was deleted before it finished"
+                    )
+                pods = await asyncio.to_thread(self.kube.list_pods, namespace, f"{JOB_NAME_LABEL}={name}")
+                pod = job_status.pod_view(pods, PREPARE) or pod
+                view = job_status.job_view(status)
+                if view.outcome == job_status.SUCCEEDED:
+                    return
+                if view.outcome == job_status.FAILED:
+                    memory = self.config.prepare_memory
+                    reason = job_status.failure_reason(
+                        view, pod, timeout_s=timeout_s, memory=memory, device=device
+                    )
+                    log.info("preparation Job %s/%s failed (%s): %s", namespace, name, view.reason, reason)
+                    raise DeployFailed(reason)
+                if pod is not None and pod.phase == "Running":
+                    printed = await self._printed_stage(namespace, pod.name) or printed
+            except TemporaryClusterError as exc:  # the next poll may well get through
+                log.warning("preparation Job %s/%s: %s", namespace, name, exc.message)
+            stage = job_status.stage_of(pod, printed)
+            if stage != shown:
+                on_stage(stage)
+                shown = stage
+            if time.monotonic() > deadline:  # Kubernetes should have ended it by now: we give up ourselves
+                raise DeployFailed(job_status.timeout_reason(timeout_s, pod))
+            await asyncio.sleep(self.config.prepare_poll_s)
+
+    async def _printed_stage(self, namespace: str, pod: str) -> str | None:
+        """The last stage runtime.prepare printed, or None (the log can be missing: stages are a courtesy)."""
+        try:
+            text = await asyncio.to_thread(self.kube.pod_log, namespace, pod, PREPARE, LOG_TAIL_LINES)
+        except ClusterError as exc:
+            log.debug("no log of preparation pod %s/%s: %s", namespace, pod, exc.message)
+            return None
+        return job_status.last_stage(text)
+
+    async def _delete_quietly(self, job: Obj) -> None:
+        """Delete the Job and its pod; on failure its ttlSecondsAfterFinished removes it later."""
+        try:
+            await asyncio.to_thread(self.kube.delete, job)
+        except ClusterError as exc:
+            log.warning("could not delete preparation Job %s: %s", job["metadata"]["name"], exc.message)
 
     # --- scaling: KEDA's, through our scaler -----------------------------------------------------------------
 

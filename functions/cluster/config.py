@@ -82,6 +82,21 @@ class ClusterConfig:
     """KEDA trigger: "external-push" streams wake-ups (StreamIsActive); "external" only polls IsActive."""
     polling_interval_s: int = 15
     """KEDA's pollingInterval; wake-ups do not wait for it (external-push streams them)."""
+    prepare_image: str = ""
+    """Image of deploy-preparation Jobs (``python -m runtime.prepare``); empty: the shared runtime image
+    (gpu_image). It has no Paddle Lite converter, so models prepared on it get no .nb (docs/cluster.md)."""
+    prepare_cpu: str = "2"
+    """CPU request and limit of a deploy-preparation Job (optimisation and golden check of one model)."""
+    prepare_memory: str = "8Gi"
+    """Memory request and limit of a deploy-preparation Job: a model that needs more fails with a reason."""
+    prepare_scratch: str = "4Gi"
+    """Size limit of a preparation Job's /tmp (an emptyDir: the root filesystem is read-only)."""
+    prepare_ttl_s: int = 600
+    """ttlSecondsAfterFinished of preparation Jobs: Kubernetes removes one the platform could not delete."""
+    prepare_poll_s: float = 1.0
+    """How often the platform reads a preparation Job's status (and its pod's log, for the stage)."""
+    prepare_grace_s: float = 30.0
+    """How long past the deploy timeout the platform waits for Kubernetes to report a Job's deadline."""
     quota: TenantQuota = TenantQuota()
     """Per-tenant quota when the tenant's plan sets none."""
 
@@ -99,6 +114,8 @@ class ClusterConfig:
                 values[f.name] = tuple(p.strip() for p in raw.split(",") if p.strip())
             elif kind == "int":
                 values[f.name] = int(raw)
+            elif kind == "float":
+                values[f.name] = float(raw)
             elif kind == "bool":
                 values[f.name] = raw.lower() in ("1", "true", "yes", "on")
             else:

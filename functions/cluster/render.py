@@ -2,10 +2,13 @@
 
 Pure so that every object can be validated against the real schemas in tests and shown by ``kubectl diff``;
 ``functions.backends.knative`` applies them. Per tenant (namespace ``{prefix}{tenant}``):
-Namespace, ResourceQuota (GPUs included), LimitRange, NetworkPolicy, ServiceAccount (no token), model PVC.
+Namespace, ResourceQuota (GPUs included), LimitRange, NetworkPolicies (ingress only from the platform and Knative;
+no traffic at all for preparation pods), ServiceAccount (no token), model PVC.
 Per function, either (mode ``knative``) a Knative Service on the shared GPU image plus a Lite CPU Service,
 both with the HPA class and the autoscaler-keda extension's ScaledObject override pointing at our external
 scaler; or (mode ``deployment``) a Deployment + Service + KEDA ScaledObject per variant, without Knative.
+Per deploy: the preparation Job (``prepare_job``), which optimises and golden-checks the tenant's model where the
+tenant's code runs (its namespace, ServiceAccount and NetworkPolicies), never in the control plane's pod.
 
 Variants: the *primary* service (named as the function) runs Paddle Inference on the shared image, on a GPU or
 on CPU, or Paddle Lite when the function's device is ``lite``; the *fallback* service (``{fn}-lite``, at most one
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +28,15 @@ from functions.cluster.config import ClusterConfig, TenantQuota
 Obj = dict[str, Any]
 
 MANAGED = {"app.kubernetes.io/managed-by": "paddlefn"}
-TENANT_LABEL, FUNCTION_LABEL, VARIANT_LABEL = (
+TENANT_LABEL, FUNCTION_LABEL, VARIANT_LABEL, ROLE_LABEL = (
     "paddlefn.dev/tenant",
     "paddlefn.dev/function",
     "paddlefn.dev/variant",
+    "paddlefn.dev/role",
 )
+PREPARE = "prepare"  # ROLE_LABEL of preparation Jobs and their pods (the NetworkPolicy paddlefn-prepare)
+# Set by the Job controller on the pods of a Job (Kubernetes 1.27+): how the backend finds them.
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 SERVICE_ACCOUNT, MODELS_CLAIM = "paddlefn-function", "models"
 PORT = 8080
 MODELS_MOUNT = "/models"
@@ -142,6 +150,14 @@ def tenant_objects(tenant: str, config: ClusterConfig, quota: TenantQuota | None
             ],
         },
     }
+    # Preparation runs the tenant's program, which may name files and do I/O: it gets no network at all (it
+    # needs none: the volume is mounted by the kubelet). NetworkPolicies add up, so this only takes away.
+    prepare_policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta("paddlefn-prepare", ns, tenant),
+        "spec": {"podSelector": {"matchLabels": {ROLE_LABEL: PREPARE}}, "policyTypes": ["Ingress", "Egress"]},
+    }
     service_account = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
@@ -153,7 +169,7 @@ def tenant_objects(tenant: str, config: ClusterConfig, quota: TenantQuota | None
         claim_spec["storageClassName"] = config.storage_class
     claim = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": _meta(MODELS_CLAIM, ns, tenant),
              "spec": claim_spec}  # fmt: skip
-    return [namespace, quota_obj, limit_range, network_policy, service_account, claim]
+    return [namespace, quota_obj, limit_range, network_policy, prepare_policy, service_account, claim]
 
 
 # --- function -------------------------------------------------------------------------------------------------
@@ -184,11 +200,16 @@ def _labels(fn: FunctionSpec, variant: str) -> dict[str, str]:
     return {**MANAGED, TENANT_LABEL: fn.tenant, FUNCTION_LABEL: fn.name, VARIANT_LABEL: variant}
 
 
+def version_folder(name: str, version: str) -> str:
+    """A function version's folder on the tenant's volume, which is the control plane's
+    data_dir/tenants/{tenant} (shared RWX storage, docs/cluster.md): model/ as uploaded, serving/ prepared."""
+    return f"functions/{name}/{version}"
+
+
 def _container(fn: FunctionSpec, config: ClusterConfig, variant: str) -> Obj:
     paddle = variant == PRIMARY and not fn.lite_only  # Paddle Inference; else Paddle Lite
     gpu = paddle and fn.gpu
-    # The tenant's volume is the control plane's data_dir/tenants/{tenant} (shared RWX storage, docs/cluster.md).
-    model_dir = f"{MODELS_MOUNT}/functions/{fn.name}/{fn.version}/serving"
+    model_dir = f"{MODELS_MOUNT}/{version_folder(fn.name, fn.version)}/serving"
     args = ["--port", str(PORT), "--model-dir", model_dir, "--model-name", fn.name,
             "--device", "gpu" if gpu else "cpu", "--engine", "paddle" if paddle else "lite"]  # fmt: skip
     if fn.max_batch_size:
@@ -350,6 +371,118 @@ def deployment_objects(fn: FunctionSpec, config: ClusterConfig, variant: str) ->
         "spec": scaled_object_spec(fn, config, variant, name),
     }
     return [deployment, service, scaled_object]
+
+
+# --- deploy preparation ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrepareSpec:
+    """What one deploy's preparation Job needs (built from a FunctionRecord by the backend)."""
+
+    tenant: str
+    name: str
+    version: str
+    device: str = "auto"  # runtime.prepare --device: auto, cpu or gpu (only gpu holds a GPU)
+    batching: bool = False  # runtime.prepare --batching: check that the model batches
+    deadline_s: float = 600.0  # the platform's deploy timeout: the Job's activeDeadlineSeconds
+
+
+def prepare_job_name(p: PrepareSpec) -> str:
+    return dns_label(f"prepare-{p.name}-{p.version}")  # a Job's name becomes a label value: at most 63
+
+
+def prepare_paths(p: PrepareSpec) -> tuple[str, str]:
+    """The model folder (read-only) and the out folder (the only writable one) as the Job's container sees
+    them: where a function's own container would see them."""
+    folder = f"{MODELS_MOUNT}/{version_folder(p.name, p.version)}"
+    return f"{folder}/model", f"{folder}/serving"
+
+
+def _threads(cpu: str) -> int:
+    """Whole cores in a CPU quantity ("2", "1.5", "500m"), at least 1: Paddle's thread count."""
+    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    return max(1, math.ceil(cores))
+
+
+def prepare_job(p: PrepareSpec, config: ClusterConfig) -> Obj:
+    """The batch/v1 Job that runs ``python -m runtime.prepare`` on the tenant's model, as the tenant: in its
+    namespace, with its ServiceAccount (no token), under its NetworkPolicies (no traffic at all) and quota.
+
+    Run once (``backoffLimit: 0``), cut off at the deploy timeout (``activeDeadlineSeconds``), removed by
+    Kubernetes if the platform cannot delete it (``ttlSecondsAfterFinished``). Only this version's model
+    folder is mounted (read-only) and its serving folder (writable); the root filesystem is read-only and
+    /tmp an emptyDir. On a failure the last lines of its output (the ``{"error": ...}`` line) become the
+    pod's termination message (``FallbackToLogsOnError``), which the backend turns into the deploy's reason.
+    No platform secret reaches it: its only variables are below.
+    """
+    ns = namespace_of(p.tenant, config)
+    labels = {**MANAGED, TENANT_LABEL: p.tenant, FUNCTION_LABEL: p.name, ROLE_LABEL: PREPARE}
+    model_dir, out_dir = prepare_paths(p)
+    folder = version_folder(p.name, p.version)
+    args = ["-m", "runtime.prepare", model_dir, out_dir, "--device", p.device]
+    if p.batching:
+        args.append("--batching")
+    quantities: Obj = {"cpu": config.prepare_cpu, "memory": config.prepare_memory}
+    if p.device == "gpu":  # a GPU golden check needs the device; "auto" and "cpu" prepare on the CPU
+        quantities["nvidia.com/gpu"] = "1"
+    container = {
+        "name": PREPARE,
+        "image": config.prepare_image or config.gpu_image,
+        "command": ["python"],
+        "args": args,
+        "env": [
+            {"name": "PADDLEFN_TENANT", "value": p.tenant},
+            {"name": "PADDLEFN_FUNCTION", "value": p.name},
+            {"name": "GLOG_minloglevel", "value": "2"},
+            {"name": "OMP_NUM_THREADS", "value": str(_threads(config.prepare_cpu))},
+        ],
+        "resources": {"requests": dict(quantities), "limits": dict(quantities)},
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": "models", "mountPath": model_dir, "subPath": f"{folder}/model", "readOnly": True},
+            {"name": "models", "mountPath": out_dir, "subPath": f"{folder}/serving"},
+            {"name": "scratch", "mountPath": "/tmp"},  # HOME=/tmp in the image: Paddle's caches, temp files
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": prepare_job_name(p),
+            "namespace": ns,
+            "labels": labels,
+            "annotations": {"paddlefn.dev/version": p.version},
+        },
+        "spec": {
+            "activeDeadlineSeconds": max(1, math.ceil(p.deadline_s)),
+            "backoffLimit": 0,  # a failed golden check fails again: the reason goes to the tenant at once
+            "ttlSecondsAfterFinished": config.prepare_ttl_s,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": SERVICE_ACCOUNT,
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,  # no variables naming the namespace's services either
+                    "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": 10,
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "models", "persistentVolumeClaim": {"claimName": MODELS_CLAIM}},
+                        {"name": "scratch", "emptyDir": {"sizeLimit": config.prepare_scratch}},
+                    ],
+                },
+            },
+        },
+    }
 
 
 def function_url(fn: FunctionSpec, config: ClusterConfig, variant: str = PRIMARY) -> str:

@@ -65,6 +65,7 @@ def test_deploying_a_function_creates_the_tenant_namespace_then_its_knative_serv
         ("LimitRange", "t-acme", "paddlefn-defaults"),
         ("Namespace", "", "t-acme"),
         ("NetworkPolicy", "t-acme", "paddlefn-isolation"),
+        ("NetworkPolicy", "t-acme", "paddlefn-prepare"),
         ("PersistentVolumeClaim", "t-acme", "models"),
         ("ResourceQuota", "t-acme", "paddlefn-quota"),
         ("Service", "t-acme", "classify"),
@@ -85,7 +86,7 @@ def test_reconfiguring_updates_the_same_objects_in_place(apiserver: StandInApiSe
     )
     service = apiserver.get("serving.knative.dev/v1", "Service", "t-acme", "classify")
     assert service["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/max-scale"] == "9"
-    assert len(apiserver.kinds()) == 7
+    assert len(apiserver.kinds()) == 8
 
 
 def test_removing_a_function_deletes_its_objects_and_keeps_the_tenant(apiserver: StandInApiServer) -> None:

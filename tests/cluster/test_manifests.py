@@ -55,10 +55,19 @@ def test_the_templates_are_what_the_backend_renders() -> None:
 def test_the_control_plane_may_touch_only_the_kinds_it_renders() -> None:
     objects = kustomize("platform")
     [role] = [o for o in objects if o["kind"] == "ClusterRole"]
+    read_only = {"pods": {"list"}, "pods/log": {"get"}}  # a preparation Job's pod: its status and its log
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
-        assert not {"secrets", "pods", "pods/exec", "roles", "rolebindings"} & set(rule["resources"])
-        assert set(rule["verbs"]) <= {"get", "create", "patch", "delete"}
+        assert not {"secrets", "pods/exec", "pods/attach", "roles", "rolebindings"} & set(rule["resources"])
+        for resource in rule["resources"]:
+            assert set(rule["verbs"]) <= read_only.get(resource, {"get", "create", "patch", "delete"}), (
+                resource
+            )
+    granted = {(group, r): set(rule["verbs"]) for rule in role["rules"] for group in rule["apiGroups"]
+               for r in rule["resources"]}  # fmt: skip
+    # Deploy preparation: a Job in the tenant's namespace, created, read, deleted by the control plane.
+    assert granted[("batch", "jobs")] == {"get", "create", "patch", "delete"}
+    assert granted[("", "pods")] == {"list"} and granted[("", "pods/log")] == {"get"}
     scaler = next(
         o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "paddlefn-scaler"
     )

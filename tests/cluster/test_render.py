@@ -13,7 +13,9 @@ from functions.cluster.render import (
     FALLBACK,
     PRIMARY,
     FunctionSpec,
+    PrepareSpec,
     function_objects,
+    prepare_job,
     service_name,
     tenant_objects,
 )
@@ -27,6 +29,11 @@ FUNCTIONS = [
     FunctionSpec("t" * 63, "f" * 63, "v1", lite=True),  # longest names the platform allows
     FunctionSpec("acme", "on-cpu", "v1", gpu=False),
 ]
+PREPARES = [
+    PrepareSpec("acme", "classify", "0123456789ab", device="gpu", batching=True),
+    PrepareSpec("acme", "tiny", "v1", device="cpu", deadline_s=0.5),
+    PrepareSpec("t" * 63, "f" * 63, "0123456789ab"),  # longest names the platform allows
+]
 
 
 def all_objects() -> list[tuple[str, dict[str, Any]]]:
@@ -36,6 +43,10 @@ def all_objects() -> list[tuple[str, dict[str, Any]]]:
             objects += tenant_objects(tenant, config, TenantQuota(gpus=2))
         for fn in FUNCTIONS:
             objects += function_objects(fn, config)
+        objects += [prepare_job(p, config) for p in PREPARES]
+    objects.append(
+        prepare_job(PREPARES[0], ClusterConfig(prepare_image="example/prep:1", prepare_cpu="500m"))
+    )
     return [(f"{o['kind']}/{o['metadata']['name'][:20]}-{i}", o) for i, o in enumerate(objects)]
 
 
@@ -133,10 +144,11 @@ def test_without_knative_a_function_is_a_deployment_a_service_and_an_external_sc
 
 
 def test_a_tenant_gets_a_fenced_namespace_with_a_gpu_quota() -> None:
-    objects = {o["kind"]: o for o in tenant_objects("acme", KNATIVE, TenantQuota(gpus=3))}
+    objects = {o["kind"]: o for o in tenant_objects("acme", KNATIVE, TenantQuota(gpus=3))[::-1]}  # first wins
     assert objects["Namespace"]["metadata"]["name"] == "t-acme"
     assert objects["ResourceQuota"]["spec"]["hard"]["requests.nvidia.com/gpu"] == "3"
     assert objects["ServiceAccount"]["automountServiceAccountToken"] is False
+    assert objects["NetworkPolicy"]["metadata"]["name"] == "paddlefn-isolation"
     sources = objects["NetworkPolicy"]["spec"]["ingress"][0]["from"]
     allowed = {s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for s in sources[1:]}
     assert allowed == {"paddlefn-system", "knative-serving", "kourier-system"}
@@ -160,3 +172,74 @@ def test_a_tenants_quota_follows_its_plan() -> None:
     [_, resource_quota, *_] = tenant_objects("acme", KNATIVE, quota)
     assert resource_quota["spec"]["hard"]["requests.nvidia.com/gpu"] == "3"
     validate(resource_quota)
+
+
+def test_the_prepare_job_runs_as_the_tenant_with_only_this_versions_folders_mounted() -> None:
+    job = prepare_job(
+        PrepareSpec("acme", "classify", "v3", device="gpu", batching=True, deadline_s=120), KNATIVE
+    )
+    assert (job["metadata"]["namespace"], job["metadata"]["name"]) == ("t-acme", "prepare-classify-v3")
+    spec = job["spec"]
+    assert (spec["activeDeadlineSeconds"], spec["backoffLimit"], spec["ttlSecondsAfterFinished"]) == (
+        120,
+        0,
+        600,
+    )
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "paddlefn-function" and pod["automountServiceAccountToken"] is False
+    [container] = pod["containers"]
+    assert container["image"] == KNATIVE.gpu_image and container["command"] == ["python"]
+    assert container["args"][:2] == ["-m", "runtime.prepare"] and container["args"][-3:] == [
+        "--device", "gpu", "--batching"
+    ]  # fmt: skip
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert container["resources"]["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}
+    assert container["resources"]["requests"] == container["resources"]["limits"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    model, serving = "/models/functions/classify/v3/model", "/models/functions/classify/v3/serving"
+    assert mounts[model] == {"name": "models", "mountPath": model, "subPath": "functions/classify/v3/model",
+                             "readOnly": True}  # fmt: skip
+    assert mounts[serving]["subPath"] == "functions/classify/v3/serving" and "readOnly" not in mounts[serving]
+    assert set(mounts) == {model, serving, "/tmp"}
+    assert {v["name"]: v for v in pod["volumes"]}["models"]["persistentVolumeClaim"] == {
+        "claimName": "models"
+    }
+    # Where the served model is read from: the folder the Job writes.
+    [function] = function_objects(FunctionSpec("acme", "classify", "v3"), ClusterConfig(lite_fallback=False))
+    args = function["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--model-dir") + 1] == serving
+
+
+def test_a_cpu_prepare_holds_no_gpu_and_paddle_uses_the_cores_it_may() -> None:
+    config = ClusterConfig(prepare_cpu="1500m", prepare_memory="2Gi", prepare_image="example/prepare:1")
+    [container] = prepare_job(PrepareSpec("acme", "f", "v1", device="auto"), config)["spec"]["template"][
+        "spec"
+    ]["containers"]
+    assert container["image"] == "example/prepare:1"
+    assert container["resources"]["limits"] == {"cpu": "1500m", "memory": "2Gi"}
+    assert {e["name"]: e["value"] for e in container["env"]}["OMP_NUM_THREADS"] == "2"
+
+
+def test_prepare_pods_are_under_the_tenant_policies_and_get_no_traffic_at_all() -> None:
+    job = prepare_job(PrepareSpec("acme", "classify", "v3"), KNATIVE)
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    policies = {
+        o["metadata"]["name"]: o for o in tenant_objects("acme", KNATIVE) if o["kind"] == "NetworkPolicy"
+    }
+    assert policies["paddlefn-isolation"]["spec"]["podSelector"] == {}  # every pod of the namespace
+    prepare = policies["paddlefn-prepare"]["spec"]
+    assert prepare["podSelector"]["matchLabels"].items() <= labels.items()
+    assert prepare["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in prepare and "egress" not in prepare  # nothing allowed either way
+
+
+def test_prepare_settings_come_from_the_environment_with_their_types() -> None:
+    env = {
+        "PADDLEFN_K8S_PREPARE_POLL_S": "0.5",
+        "PADDLEFN_K8S_PREPARE_TTL_S": "60",
+        "PADDLEFN_K8S_PREPARE_CPU": "4",
+    }
+    config = ClusterConfig.from_env(env)
+    assert (config.prepare_poll_s, config.prepare_ttl_s, config.prepare_cpu) == (0.5, 60, "4")
+    assert prepare_job(PrepareSpec("acme", "f", "v1"), config)["spec"]["ttlSecondsAfterFinished"] == 60
