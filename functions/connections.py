@@ -142,6 +142,9 @@ class GuardedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         # uvicorn arms its keep-alive timer with this attribute; set here because its Config wants whole seconds.
         self.timeout_keep_alive = self.guard.keep_alive_timeout_s  # type: ignore[assignment]
+        # No WebSocket upgrades (the platform has no WebSocket routes): an upgraded connection would pass to another
+        # protocol, out of the guard's count for good. A request asking for one is served as plain HTTP.
+        self.ws_protocol_class = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started = False  # bytes of a request head have arrived, and not yet all of it
         self._counted = False
@@ -183,6 +186,9 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self._counted and not self.transport.is_closing() and self._between_requests():
             self.guard.idle[self] = None  # idle again, and now the most recently idle
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass  # uvicorn would log two warnings per such request: a client could fill the log with them
 
     def _between_requests(self) -> bool:
         return self.cycle is None or self.cycle.response_complete

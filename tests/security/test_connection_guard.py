@@ -201,6 +201,15 @@ def test_a_connection_with_a_request_in_progress_is_never_closed_to_make_room(se
             sock.close()
 
 
+def test_a_websocket_upgrade_is_served_as_plain_http_and_stays_counted(serve):
+    server = serve(limit=5)
+    with server.connect() as sock:
+        upgrade = b"GET /hello HTTP/1.1\r\nhost: test\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        assert response_of(sock, upgrade).startswith(b"HTTP/1.1 200 OK")
+        assert server.guard.open == 1
+    wait_for(lambda: server.guard.open == 0, what="the connection to be uncounted")
+
+
 @pytest.mark.parametrize(
     ("requested", "open_files", "limit"),
     [
