@@ -84,11 +84,22 @@ def up(
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, gpu or cpu [default: auto]")] = None,
     domain: Annotated[str | None, typer.Option(help="functions answer at FN.TENANT.DOMAIN")] = None,
+    max_connections: Annotated[
+        int | None, typer.Option(help="most client connections held open [default: 10000]")
+    ] = None,
+    header_timeout: Annotated[
+        str | None, typer.Option(help="time a client has to send a request head [default: 10s]")
+    ] = None,
+    keep_alive_timeout: Annotated[
+        str | None, typer.Option(help="idle time between requests before a close [default: 5s]")
+    ] = None,
 ) -> None:
     """Run the platform: control plane, gateway, scaler and worker pool, on one machine."""
     settings = Settings.from_env(
         host=host, port=port, data_dir=data_dir, idle_timeout_s=_duration(idle_timeout),
         pool_size=pool_size, max_workers=max_workers, device=device, domain=domain,
+        max_connections=max_connections, header_timeout_s=_duration(header_timeout),
+        keep_alive_timeout_s=_duration(keep_alive_timeout),
     )  # fmt: skip
     serve(settings)
 
@@ -99,6 +110,7 @@ def serve(settings: Settings, after_start: Any = None) -> None:
     import uvicorn
 
     from functions.app import create_app
+    from functions.connections import server_protocol
     from functions.platform import Platform
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -120,6 +132,7 @@ def serve(settings: Settings, after_start: Any = None) -> None:
         create_app(settings, platform, on_started=announce),
         host=settings.host,
         port=settings.port,
+        http=server_protocol(settings),  # connection limit and timeouts
         log_level="warning",
         access_log=False,
     )

@@ -80,6 +80,18 @@ class Settings:
     """Requests forwarded to replicas at once across all tenants; beyond it they wait in a weighted fair queue
     (each tenant's share in proportion to its plan's weight). 0 means 4 per worker slot."""
 
+    max_connections: int = 0
+    """Most client connections held open at once; a new one beyond it closes the longest-idle connection (one
+    with no request in progress), or is answered 503 when every one has a request in progress. 0 means 10,000;
+    always at most half the open-file limit (raised to its hard limit at start), so descriptors remain for
+    worker sockets, the database and the journal."""
+    header_timeout_s: float = 10.0
+    """A client must send a whole request head (request line and headers) within this time of connecting, or of
+    starting its next request on a kept-alive connection, or it is disconnected (stops slowloris and clients
+    that connect and send nothing)."""
+    keep_alive_timeout_s: float = 5.0
+    """A kept-alive client connection idle this long between requests is closed."""
+
     cold_start_timeout_s: float = 60.0
     """Default time a request waits for a sleeping function to wake before a 504."""
     request_timeout_s: float = 60.0

@@ -36,6 +36,7 @@ from functions.backends.pool import (
     WorkerProcess,
     WorkerStartError,
     WorkerTimeout,
+    WorkerUnreachable,
 )
 from functions.deploy import prepare_model
 from functions.errors import FunctionTimeout, GatewayTimeout, Unavailable
@@ -545,6 +546,10 @@ class LocalBackend:
                 f"the replica of {fn.label} stopped while handling this request "
                 f"({replica.worker.exit_reason()}); retry",
                 retry_after=1,
+            ) from None
+        except WorkerUnreachable as exc:  # the platform's fault, not the replica's: say so
+            raise Unavailable(
+                f"could not reach the replica of {fn.label}: {exc}; retry", retry_after=1
             ) from None
         finally:
             self._release(rs, replica)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -59,6 +60,26 @@ class WorkerTimeout(Exception):
 
 class WorkerGone(Exception):
     """The connection to the worker broke: it died (or was killed) while handling the request."""
+
+
+class WorkerUnreachable(Exception):
+    """The platform could not open a connection to a worker for a reason of its own (e.g. it is out of file
+    descriptors); the worker itself is not known to be at fault."""
+
+    def __init__(self, os_error: OSError) -> None:
+        self.os_error = os_error
+        if os_error.errno in (errno.EMFILE, errno.ENFILE):
+            reason = f"the platform is out of file descriptors ({os_error.strerror})"
+        else:
+            reason = (
+                f"connecting to its socket failed on the platform's side ({os_error.strerror or os_error})"
+            )
+        super().__init__(reason)
+
+
+# What connecting to a worker's Unix socket fails with when the worker is not there to accept: it exited (the
+# socket file left behind refuses) or its socket is gone. Any other error (EMFILE above all) is the platform's.
+_WORKER_DOWN = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET, errno.EPIPE})
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -126,7 +147,8 @@ class WorkerProcess:
     async def post(
         self, path: str, body: bytes, headers: dict[str, str], timeout: float
     ) -> tuple[int, bytes, Mapping[str, str]]:
-        """One inference request: (status, body, headers); WorkerTimeout or WorkerGone when it fails."""
+        """One inference request: (status, body, headers); WorkerTimeout, WorkerGone or WorkerUnreachable when
+        it fails."""
         try:
             async with self.session.post(
                 f"http://worker{path}",
@@ -137,6 +159,10 @@ class WorkerProcess:
                 return response.status, await response.read(), response.headers
         except TimeoutError:
             raise WorkerTimeout from None
+        except aiohttp.ClientConnectorError as exc:
+            if exc.os_error.errno in _WORKER_DOWN:
+                raise WorkerGone from None
+            raise WorkerUnreachable(exc.os_error) from exc
         except aiohttp.ClientError:
             raise WorkerGone from None
         except RuntimeError:  # "Session is closed": the worker exited between taking the slot and sending
