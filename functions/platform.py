@@ -103,6 +103,9 @@ class Platform:
         quota = getattr(backend, "set_replica_quota", None)
         if quota is not None:  # fallback=capacity answers from Lite once the tenant's max_replicas is reached
             quota(lambda tenant: self.limits_of(tenant).max_replicas)
+        weights = getattr(backend, "set_slot_weights", None)
+        if weights is not None:  # worker slots under pressure are shared by plan weight (functions/slots.py)
+            weights(lambda tenant: self.limits_of(tenant).weight)
         self.backend.on_wake(self.activator.touch)
         self.backend.on_wake(lambda fn: self.audit.record_soon(SYSTEM, fn.tenant, "function.wake", fn.name))
         self._deploys = asyncio.Semaphore(settings.max_concurrent_deploys)

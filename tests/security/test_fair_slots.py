@@ -1,0 +1,44 @@
+"""Worker slots are shared by tenant under pressure: no plan limit lets one tenant starve another's wake-up."""
+
+from __future__ import annotations
+
+from tests.conftest import deploy, example, make_tenant, oip_body, wait_for
+
+
+def view(tenant, name: str) -> dict:
+    r = tenant.http.get(f"/v1/tenants/{tenant.name}/functions/{name}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_tenants_min_scale_cannot_starve_another_tenants_wake_up(platform_factory, models):
+    p = platform_factory("--max-workers", "2", "--pool-size", "1", "--idle-timeout", "10m")
+    hog = make_tenant(p, "hog")
+    quiet = make_tenant(p, "quiet")
+    body = oip_body(example(models["mlp"])[0])
+
+    # The hog keeps a min_scale as large as the machine: both worker slots.
+    assert deploy(hog, "pinned", models["mlp"], {"min_scale": 2, "max_scale": 2})["status"] == "ready"
+    assert deploy(quiet, "sleepy", models["mlp"], {"idle_timeout_s": 3})["status"] == "ready"
+    wait_for(lambda: view(quiet, "sleepy")["state"] == "asleep", timeout=60, what="quiet's function to sleep")
+    wait_for(
+        lambda: view(hog, "pinned")["replicas"] == 2, timeout=60, what="the hog to hold every slot again"
+    )
+
+    # The sleeping function still wakes: a min_scale replica beyond the hog's fair share (1 of 2) gives way.
+    r = quiet.http.post("/t/quiet/v2/models/sleepy/infer", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert "x-paddlefn-cold-start-ms" in r.headers
+    # The hog does not take the slot straight back: the next request finds the function warm.
+    again = quiet.http.post("/t/quiet/v2/models/sleepy/infer", json=body)
+    assert again.status_code == 200 and "x-paddlefn-cold-start-ms" not in again.headers
+    assert view(hog, "pinned")["replicas"] >= 1  # the hog keeps its fair share
+    assert hog.http.post("/t/hog/v2/models/pinned/infer", json=body).status_code == 200
+    with p.admin() as admin:
+        workers = admin.get("/v1/capacity").json()["workers"]
+    assert workers["in_use"] <= 2, workers
+
+    # Once the quiet function sleeps again, the hog gets its whole min_scale back.
+    wait_for(lambda: view(quiet, "sleepy")["state"] == "asleep", timeout=60, what="quiet's function to sleep")
+    wait_for(lambda: view(hog, "pinned")["replicas"] == 2, timeout=60, what="the hog's min_scale to return")
+
