@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from tests.conftest import deploy, example, make_tenant, oip_body, wait_for
 
 
@@ -42,3 +44,30 @@ def test_a_tenants_min_scale_cannot_starve_another_tenants_wake_up(platform_fact
     wait_for(lambda: view(quiet, "sleepy")["state"] == "asleep", timeout=60, what="quiet's function to sleep")
     wait_for(lambda: view(hog, "pinned")["replicas"] == 2, timeout=60, what="the hog's min_scale to return")
 
+
+def test_a_min_scale_no_plan_or_machine_can_hold_is_refused_at_deploy_and_patch(platform_factory, models):
+    p = platform_factory("--max-workers", "2", "--pool-size", "0")
+    acme = make_tenant(p, "acme")
+    with p.admin() as admin:
+        assert admin.put("/v1/plans/small", json={"limits": {"max_replicas": 1}}).status_code == 200
+    globex = make_tenant(p, "globex")
+    with p.admin() as admin:
+        assert admin.put("/v1/tenants/globex/plan", json={"plan": "small"}).status_code == 200
+
+    def post(tenant, name: str, config: dict):
+        return tenant.http.post(
+            f"/v1/tenants/{tenant.name}/functions",
+            data={"name": name, "config": json.dumps(config)},
+            files={"model": ("model.tar.gz", b"not read", "application/gzip")},
+        )
+
+    r = post(acme, "big", {"min_scale": 3, "max_scale": 4})
+    assert r.status_code == 400 and "2 worker slots" in r.json()["error"], r.text
+    r = post(globex, "big", {"min_scale": 2, "max_scale": 4})
+    assert r.status_code == 400 and "max_replicas=1" in r.json()["error"], r.text
+
+    deploy(acme, "fits", models["mlp"], {"min_scale": 0}, wait=False)
+    r = acme.http.patch("/v1/tenants/acme/functions/fits", json={"min_scale": 3})
+    assert r.status_code == 400 and "2 worker slots" in r.json()["error"], r.text
+    r = acme.http.patch("/v1/tenants/acme/functions/fits", json={"min_scale": 2})
+    assert r.status_code == 200, r.text
