@@ -1,7 +1,9 @@
 """The control loop that applies the scaling policy (``scaler.policy``) through a backend, once per tick.
 
-Wake-ups do not wait for it: the backend scales a sleeping function to 1 the moment a request arrives. The loop
-survives a failed step (logged, retried next tick), as a controller must.
+Wake-ups do not wait for it: the backend scales a sleeping function to 1 the moment a request arrives. Scale-ups
+stop at the tenant's max_replicas and, where the backend shares worker slots by fair share (functions/slots.py),
+at what the backend would start: a min_scale held back for another tenant is not asked for again every tick. The
+loop survives a failed step (logged, retried next tick), as a controller must.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ class Autoscaler:
             current = self.backend.replicas(fn)
             decision = decide(load, self.scaling(fn), current, self._states.get(fn.key, State()), now)
             self._states[fn.key] = decision.state
-            desired = self._within_tenant_limit(fn, current, decision.desired)
+            desired = self._within_fair_share(
+                fn, current, self._within_tenant_limit(fn, current, decision.desired)
+            )
             if desired != current:
                 log.info("%s: %d -> %d replicas (%s)", fn.label, current, desired, decision.reason)
                 await self.backend.set_replicas(fn, desired)
@@ -77,6 +81,15 @@ class Autoscaler:
         others = sum(self.backend.replicas(f) for f in self.registry.of_tenant(fn.tenant) if f.key != fn.key)
         room = self.max_replicas_of(fn.tenant) - others
         return max(current, min(desired, room), 1 if current or desired else 0)
+
+    def _within_fair_share(self, fn: FunctionRecord, current: int, desired: int) -> int:
+        """Scale-ups stop where the backend would hold the starts back for another tenant's fair share of worker
+        slots; once that tenant needs them no more, the next tick asks again."""
+        clamp = getattr(self.backend, "clamp_replicas", None)
+        if clamp is None or desired <= current:
+            return desired
+        clamped: int = clamp(fn, desired)
+        return clamped
 
     def forget(self, fn: FunctionRecord) -> None:
         self._states.pop(fn.key, None)

@@ -105,6 +105,9 @@ class Platform:
         quota = getattr(backend, "set_replica_quota", None)
         if quota is not None:  # fallback=capacity answers from Lite once the tenant's max_replicas is reached
             quota(lambda tenant: self.limits_of(tenant).max_replicas)
+        weights = getattr(backend, "set_slot_weights", None)
+        if weights is not None:  # worker slots under pressure are shared by plan weight (functions/slots.py)
+            weights(lambda tenant: self.limits_of(tenant).weight)
         self.backend.on_wake(self.activator.touch)
         self.backend.on_wake(lambda fn: self.audit.record_soon(SYSTEM, fn.tenant, "function.wake", fn.name))
         self._deploys = DeployQueue(
@@ -337,8 +340,26 @@ class Platform:
                 "delete one or ask for a bigger plan"
             )
         self._check_device(tenant, config)
+        self._check_min_scale(tenant, config)
         if config.uses_lite and (reason := lite_unavailable_reason()):
             raise BadRequest(f"{_lite_use(config)} needs Paddle Lite, which this platform lacks: {reason}")
+
+    def _check_min_scale(self, tenant: str, config: FunctionConfig) -> None:
+        """A min_scale that can never run: above the plan's max_replicas or this machine's worker slots."""
+        limit = self.limits_of(tenant).max_replicas
+        if config.min_scale > limit:
+            raise BadRequest(
+                f"min_scale {config.min_scale} is above the max_replicas={limit} of tenant '{tenant}' (its plan's "
+                "limit across all its functions); use a lower min_scale or ask for a bigger plan"
+            )
+        lite = config.device == "lite"
+        slots = self.backend.capacity().get("lite_total" if lite else "total")  # none on Kubernetes
+        if slots is not None and config.min_scale > slots:
+            setting = "PADDLEFN_LITE_WORKERS" if lite else "--max-workers / PADDLEFN_MAX_WORKERS"
+            raise BadRequest(
+                f"min_scale {config.min_scale} is above the {slots} worker slots of this platform ({setting}); "
+                "use a lower min_scale"
+            )
 
     def _check_device(self, tenant: str, config: FunctionConfig) -> None:
         if config.device == "gpu" and not self.limits_of(tenant).gpu_allowed:
@@ -554,6 +575,7 @@ class Platform:
         merged = {**fn.config.model_dump(), **patch}
         config = self.parse_config(merged)
         self._check_device(fn.tenant, config)
+        self._check_min_scale(fn.tenant, config)
         if problem := self.lite_problem(config, fn.manifest):
             raise BadRequest(problem)
         if fn.status == DEPLOYING and config.uses_lite and (reason := lite_unavailable_reason()):

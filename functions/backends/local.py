@@ -2,8 +2,11 @@
 
 Per function a ReplicaSet holds the ready replicas, each with a fixed number of request slots, and a FIFO of
 requests waiting for a slot. A request that finds the function asleep wakes it at once (no scaler tick) and
-waits up to its cold-start timeout. When every worker slot is taken, the least recently used idle function is
-put to sleep early to make room.
+waits up to its cold-start timeout. When every worker slot is taken, a replica is taken back to make room by the
+rule of ``functions/slots.py``: replicas beyond their tenant's fair share of the slots (by plan weight) go first,
+``min_scale`` ones included, the least recently used idle first; then an idle function sleeps early. A replica
+with requests in flight is never taken, and while another tenant holds less than its share a tenant starts no
+replica beyond its own, so a ``min_scale`` that cannot fit beside the others waits instead of taking slots back.
 
 Paddle Lite (``config.device``/``config.fallback``): a replica is a Paddle Inference worker (the primary) or a
 Paddle Lite one, from a pool of its own (``WorkerPool(engine="lite")``: no Paddle import, CPU only, its own slots).
@@ -42,6 +45,7 @@ from functions.deploy import prepare_model
 from functions.errors import FunctionTimeout, GatewayTimeout, Unavailable
 from functions.registry import FunctionRecord
 from functions.settings import Settings
+from functions.slots import HeldReplica, Slots, TenantSlots, must_yield, reclaimable, start_limit
 from runtime.spec import Manifest
 
 log = logging.getLogger("paddlefn.local")
@@ -51,7 +55,8 @@ PADDLE, LITE = "paddle", "lite"  # load parameter `engine` of a replica
 
 
 class _NotWanted(Exception):
-    """A replica start that waited for room was called off (scaled down or deleted meanwhile)."""
+    """A replica start that waited for room was called off (scaled down or deleted meanwhile, or nobody waits for it
+    and its tenant holds its fair share while another tenant is short of its own)."""
 
 
 def primary_engine(fn: FunctionRecord) -> str:
@@ -78,6 +83,7 @@ class ReplicaSet:
     fn: FunctionRecord
     replicas: list[Replica] = field(default_factory=list)  # primary replicas (Lite ones for device=lite)
     starting: int = 0
+    claiming: int = 0  # of the starting ones, those without a worker yet
     desired: int = 0
     fallback: list[Replica] = field(default_factory=list)  # Lite replicas answering for the primary
     fallback_starting: int = 0
@@ -134,7 +140,8 @@ class LocalBackend:
         self.pool = WorkerPool(settings, on_exit=self._worker_exited)
         self.lite_pool = WorkerPool(settings, on_exit=self._worker_exited, engine=LITE)
         self._sets: dict[tuple[str, str], ReplicaSet] = {}
-        self._replica_quota: Callable[[str], int] | None = None  # tenant -> max_replicas (fallback=capacity)
+        self._replica_quota: Callable[[str], int] | None = None  # tenant -> max_replicas
+        self._weight_of: Callable[[str], int] | None = None  # tenant -> plan weight (fair shares of slots)
         self._listeners: list[WakeListener] = []
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -172,8 +179,13 @@ class LocalBackend:
 
     def set_replica_quota(self, max_replicas_of: Callable[[str], int]) -> None:
         """The tenant's max_replicas: with fallback=capacity, a primary start beyond it waits while Lite answers.
-        (Other functions keep the scaler's rule: a sleeping function may always wake to one replica.)"""
+        (Other functions keep the scaler's rule: a sleeping function may always wake to one replica.) A tenant's
+        demand for worker slots counts no more than it (functions/slots.py)."""
         self._replica_quota = max_replicas_of
+
+    def set_slot_weights(self, weight_of: Callable[[str], int]) -> None:
+        """The tenant's plan weight: its share of contended worker slots (functions/slots.py); 1 without it."""
+        self._weight_of = weight_of
 
     def capacity(self) -> dict[str, int]:
         return {"total": self.pool.capacity, "in_use": self.pool.used, "idle_warm": len(self.pool.idle),
@@ -284,10 +296,13 @@ class LocalBackend:
         rs.hand_out()
 
     async def set_replicas(self, fn: FunctionRecord, count: int) -> None:
+        """Run COUNT replicas: starts stop at the tenant's fair share while another tenant is short of its own
+        (``clamp_replicas``; the scaler asks again later); scale-downs are not held."""
         rs = self._set(fn)
         rs.desired = count
-        for _ in range(count - rs.count):
+        for _ in range(self.clamp_replicas(fn, count) - rs.count):
             rs.starting += 1
+            rs.claiming += 1
             self._spawn_task(self._start_replica(rs), f"start-{fn.label}")
         surplus = len(rs.replicas) + rs.starting - count
         if surplus > 0:
@@ -366,7 +381,7 @@ class LocalBackend:
 
     def _primary_blocked(self, rs: ReplicaSet) -> str | None:
         """Why no further primary replica can be had now (fallback=capacity), or None."""
-        if self.pool.full and not self._idle_victims(rs, PADDLE):
+        if self.pool.full and not self._victims(rs, PADDLE):
             return f"all {self.pool.capacity} worker slots are busy"
         if self._over_quota(rs, 0):
             return f"tenant '{rs.fn.tenant}' is at its max_replicas"
@@ -387,9 +402,12 @@ class LocalBackend:
             await worker.load(fn.name, parameters, timeout=self._cold_timeout(fn))
         except _NotWanted:
             rs.starting -= 1
+            rs.claiming -= 1  # raised only before a worker was taken
             return
         except Exception as exc:
             rs.starting -= 1
+            if worker is None:
+                rs.claiming -= 1
             reason = str(exc) if isinstance(exc, (WorkerStartError, Unavailable)) else repr(exc)
             log.error("could not start a replica of %s: %s", fn.label, reason)
             if worker is not None:
@@ -428,51 +446,117 @@ class LocalBackend:
                 raise _NotWanted
 
     async def _take_worker(self, rs: ReplicaSet, engine: str = PADDLE) -> WorkerProcess:
+        """A worker for a start of RS: a free one, or one freed by taking a replica back (``_evict_one``). A start
+        of a tenant holding its fair share leaves free slots to a tenant short of its own: it waits if a request
+        waits for it, else it is called off (the scaler asks again once the slot is not needed)."""
         pool = self._pool(engine)
         deadline = time.monotonic() + self._cold_timeout(rs.fn)
         while True:
-            try:
-                return await pool.take()
-            except NoCapacity as exc:
-                changed = pool.changed
-                # Evict only when no slot is already on its way (a retiring worker exiting, a pool refill):
-                # otherwise each look would put another idle function to sleep for the same one slot.
-                if not pool.freeing and not self._evict_one(exclude=rs, engine=engine):
-                    log.info("no worker slot for %s: %s; waiting", rs.fn.label, exc)
-                capacity_fallback = rs.fn.config.fallback == "capacity" and engine == PADDLE
-                if capacity_fallback:  # Lite answers now; the primary takes the next free slot
-                    self._want_fallback(rs, f"all {pool.capacity} worker slots are busy")
-                remaining = deadline - time.monotonic()
-                if capacity_fallback and (rs.fallback or rs.fallback_starting):
-                    remaining = 1.0  # no deadline while Lite stands in; look again each second
-                    if not self._still_wanted(rs):
-                        raise _NotWanted from None
-                if remaining <= 0:
-                    raise Unavailable(
-                        f"no capacity: all {pool.capacity} worker slots are busy with active functions",
-                        retry_after=5,
-                    ) from None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), min(remaining, 1.0))  # and look again each second
+            changed = pool.changed
+            if must_yield(self._slot_state(engine), rs.fn.tenant):
+                if not any(not w.done() for w in rs.waiters):
+                    raise _NotWanted
+                reason = f"tenant '{rs.fn.tenant}' holds its fair share of the {pool.capacity} worker slots"
+            else:
+                try:
+                    worker = await pool.take()
+                except NoCapacity as exc:
+                    reason = str(exc)
+                    # Evict only when no slot is already on its way (a retiring worker exiting, a pool refill):
+                    # otherwise each look would put another replica to sleep for the same one slot.
+                    if not pool.freeing and not self._evict_one(rs, engine):
+                        log.info("no worker slot for %s: %s; waiting", rs.fn.label, reason)
+                else:
+                    rs.claiming -= 1
+                    return worker
+            capacity_fallback = rs.fn.config.fallback == "capacity" and engine == PADDLE
+            if capacity_fallback:  # Lite answers now; the primary takes the next free slot
+                self._want_fallback(rs, f"all {pool.capacity} worker slots are busy")
+            remaining = deadline - time.monotonic()
+            if capacity_fallback and (rs.fallback or rs.fallback_starting):
+                remaining = 1.0  # no deadline while Lite stands in; look again each second
+                if not self._still_wanted(rs):
+                    raise _NotWanted from None
+            if remaining <= 0:
+                raise Unavailable(
+                    f"no capacity: all {pool.capacity} worker slots are busy with active functions ({reason})",
+                    retry_after=5,
+                ) from None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(remaining, 1.0))  # and look again each second
 
-    def _idle_victims(self, exclude: ReplicaSet, engine: str) -> list[ReplicaSet]:
-        return [
-            rs
-            for rs in self._sets.values()
-            if rs is not exclude
-            and primary_engine(rs.fn) == engine
-            and len(rs.replicas) > rs.fn.config.min_scale
-            and not rs.busy
-        ]
+    # ---------------------------------------------------------------- fair shares of worker slots
 
-    def _evict_one(self, exclude: ReplicaSet, engine: str = PADDLE) -> bool:
-        """Put the least recently used idle function to sleep early, to give its worker to a busy one."""
-        idle = self._idle_victims(exclude, engine)
-        if not idle:
+    def clamp_replicas(self, fn: FunctionRecord, count: int) -> int:
+        """COUNT, or fewer where the starts it takes would go beyond the tenant's fair share of worker slots while
+        another tenant is short of its own (functions/slots.py ``start_limit``). Never fewer than the function
+        runs, and a sleeping function with a request waiting may always wake to one replica."""
+        rs = self._sets.get(fn.key)
+        current = rs.count if rs else 0
+        if count <= current:
+            return count
+        engine = primary_engine(fn)
+        asked = sum(
+            s.count
+            for s in self._sets.values()
+            if s.fn.tenant == fn.tenant and primary_engine(s.fn) == engine
+        )
+        room = max(0, start_limit(self._slot_state(engine, asking=(fn, count)), fn.tenant) - asked)
+        waking = rs is not None and current == 0 and any(not w.done() for w in rs.waiters)
+        return max(current + min(count - current, room), 1 if waking else 0)
+
+    def _slot_state(self, engine: str, asking: tuple[FunctionRecord, int] | None = None) -> Slots:
+        """The worker slots of ENGINE's pool as functions/slots.py sees them (ASKING: a function asking for that
+        many replicas, counted in its tenant's demand)."""
+        held: dict[str, int] = {}
+        wanted: dict[str, int] = {}
+        waiting: set[str] = set()
+        replicas: list[HeldReplica] = []
+        if asking is not None and asking[0].key not in self._sets:
+            wanted[asking[0].tenant] = asking[1]
+        for rs in self._sets.values():
+            fn = rs.fn
+            if primary_engine(fn) != engine:
+                continue
+            tenant = fn.tenant
+            want = max(rs.desired, fn.config.min_scale, 1 if any(not w.done() for w in rs.waiters) else 0)
+            if asking is not None and asking[0].key == fn.key:
+                want = max(want, asking[1])
+            wanted[tenant] = wanted.get(tenant, 0) + want
+            held[tenant] = held.get(tenant, 0) + len(rs.replicas) + rs.starting - rs.claiming
+            if rs.claiming:
+                waiting.add(tenant)
+            spare = 0 if rs.busy else len(rs.replicas) - fn.config.min_scale
+            for i, r in enumerate(sorted(rs.replicas, key=lambda r: r.idle_since)):
+                replicas.append(HeldReplica(r, tenant, fn.key, r.in_flight, r.idle_since, spare=i < spare))
+        tenants = {
+            t: TenantSlots(
+                weight=self._weight_of(t) if self._weight_of else 1,
+                held=max(0, held.get(t, 0)),
+                wanted=min(w, self._replica_quota(t)) if self._replica_quota else w,
+                waiting=t in waiting,
+            )
+            for t, w in wanted.items()
+        }
+        pool = self._pool(engine)
+        free = pool.capacity - pool.used + sum(1 for w in pool.idle if w.alive)
+        return Slots(pool.capacity, tenants, tuple(replicas), max(0, free))
+
+    def _victims(self, rs: ReplicaSet, engine: str) -> list[Replica]:
+        """Replicas that may be taken back for a start of RS, first to go first (functions/slots.py)."""
+        taken = reclaimable(self._slot_state(engine), rs.fn.tenant, rs.fn.key)
+        return [r for r in taken if isinstance(r, Replica)]
+
+    def _evict_one(self, rs: ReplicaSet, engine: str = PADDLE) -> bool:
+        """Take one replica back to give its worker to a start of RS: beyond its tenant's fair share first."""
+        victims = self._victims(rs, engine)
+        if not victims:
             return False
-        victim = min(idle, key=lambda rs: rs.last_used)
-        replica = victim.replicas[0]
-        log.info("capacity pressure: %s sleeps early to free a worker", victim.fn.label)
+        replica = victims[0]
+        victim = next(v for v in self._sets.values() if replica in v.replicas)
+        log.info(
+            "capacity pressure: a replica of %s stops to free a worker for %s", victim.fn.label, rs.fn.label
+        )
         victim.desired = max(0, victim.desired - 1)
         self._retire(victim, replica)
         return True
