@@ -88,9 +88,7 @@ class Platform:
         self.admission = TenantAdmission(self.limits_of)
         self.fair = FairQueue(settings.in_flight_capacity)
         self.audit = AuditLog(self.store)
-        self.billing = Billing(
-            self.ledger, self.plans, self.plan_of, grace=timedelta(seconds=settings.invoice_grace_s)
-        )
+        self.billing = Billing(self.ledger, self.plans, grace=timedelta(seconds=settings.invoice_grace_s))
         self.activator = Activator(
             max_pending_per_function=settings.max_pending_per_function,
             max_pending_per_tenant=settings.max_pending_per_tenant,

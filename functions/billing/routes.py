@@ -12,7 +12,9 @@ from pydantic import BaseModel
 from functions.api import PlatformDep, PrincipalDep
 from functions.auth import MANAGE
 from functions.billing import invoices
+from functions.billing.service import Account
 from functions.errors import BadRequest
+from functions.platform import Platform
 
 router = APIRouter(prefix="/v1", tags=["billing"])
 
@@ -39,8 +41,8 @@ async def usage(
     end: Annotated[str | None, Query(description="ISO 8601, exclusive, default: now")] = None,
     group_by: Annotated[str, Query(description="function, device, day or hour")] = "function",
 ) -> dict[str, Any]:
-    platform.tenant_for(principal, tenant, MANAGE)
-    return await platform.billing.usage(tenant, _time(start, "start"), _time(end, "end"), group_by)
+    account = Account(platform.tenant_for(principal, tenant, MANAGE), tenant, platform.plan_of(tenant))
+    return await platform.billing.usage(account, _time(start, "start"), _time(end, "end"), group_by)
 
 
 @router.get("/tenants/{tenant}/invoices/{period}", response_model=None)
@@ -51,16 +53,20 @@ async def invoice(
     principal: PrincipalDep,
     format: Annotated[str, Query(description="json or csv")] = "json",
 ) -> dict[str, Any] | Response:
-    platform.tenant_for(principal, tenant, MANAGE)
+    account = Account(platform.tenant_for(principal, tenant, MANAGE), tenant, platform.plan_of(tenant))
+    return await _invoice(platform, account, period, format)
+
+
+async def _invoice(
+    platform: Platform, account: Account, period: str, format: str
+) -> dict[str, Any] | Response:
     if format not in ("json", "csv"):
         raise BadRequest("format must be json or csv")
-    document = await platform.billing.invoice(tenant, period)
+    document = await platform.billing.invoice(account, period)
     if format == "csv":
-        return PlainTextResponse(
-            invoices.to_csv(document),
-            media_type="text/csv",
-            headers={"content-disposition": f'attachment; filename="invoice-{tenant}-{period}.csv"'},
-        )
+        filename = f"invoice-{account.name}-{period}.csv"
+        return PlainTextResponse(invoices.to_csv(document), media_type="text/csv",
+                                 headers={"content-disposition": f'attachment; filename="{filename}"'})  # fmt: skip
     return document
 
 
