@@ -282,21 +282,22 @@ def tenant_audit(
     limit: AuditLimit = 1000,
 ) -> Any:
     """The tenant's own audit entries (JSON, or JSON lines with ?format=jsonl)."""
-    platform.tenant_for(principal, tenant, MANAGE)
-    return _audit_answer(platform.audit.entries(tenant, limit=limit), format)
+    tenant_id = platform.tenant_for(principal, tenant, MANAGE)
+    return _audit_answer(platform.audit.entries(tenant_id=tenant_id, limit=limit), format)
 
 
 @router.get("/audit", response_model=None)
 def all_audit(
     platform: PlatformDep,
     principal: PrincipalDep,
-    tenant: str | None = None,
+    tenant: Annotated[str | None, Query(description="every tenant ever of this name")] = None,
+    tenant_id: Annotated[int | None, Query(description="one tenant, also a deleted one")] = None,
     format: AuditFormat = "json",
     limit: AuditLimit = 1000,
 ) -> Any:
     """Every audit entry, or one tenant's (admin)."""
     platform.require_admin(principal)
-    return _audit_answer(platform.audit.entries(tenant, limit=limit), format)
+    return _audit_answer(platform.audit.entries(tenant, limit=limit, tenant_id=tenant_id), format)
 
 
 def _audit_answer(entries: list[dict[str, Any]], format: str) -> Any:
