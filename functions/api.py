@@ -52,6 +52,7 @@ def actor(principal: Principal | None) -> str:
 def tenant_view(tenant: Tenant, platform: Platform) -> dict[str, Any]:
     return {
         "name": tenant.name,
+        "id": tenant.id,  # never reused: a tenant created again under this name gets another
         "plan": tenant.plan,
         "limits": platform.limits_of(tenant.name).model_dump(),
         "usage": platform.tenant_usage(tenant.name),
