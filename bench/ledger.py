@@ -27,7 +27,7 @@ from functions.usage import DiscardUsage, UsageEvent
 
 
 def event() -> UsageEvent:
-    return UsageEvent(request_id=uuid.uuid4().hex, tenant="acme", function="classify",
+    return UsageEvent(request_id=uuid.uuid4().hex, tenant_id=1, tenant="acme", function="classify",
                       started_at=datetime.now(UTC), duration_ms=3.2, compute_ms=1.7, device="cpu",
                       cold_start=False, status=200, bytes_in=512, bytes_out=128)  # fmt: skip
 

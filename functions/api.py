@@ -52,6 +52,7 @@ def actor(principal: Principal | None) -> str:
 def tenant_view(tenant: Tenant, platform: Platform) -> dict[str, Any]:
     return {
         "name": tenant.name,
+        "id": tenant.id,  # never reused: a tenant created again under this name gets another
         "plan": tenant.plan,
         "limits": platform.limits_of(tenant.name).model_dump(),
         "usage": platform.tenant_usage(tenant.name),
@@ -282,21 +283,22 @@ def tenant_audit(
     limit: AuditLimit = 1000,
 ) -> Any:
     """The tenant's own audit entries (JSON, or JSON lines with ?format=jsonl)."""
-    platform.tenant_for(principal, tenant, MANAGE)
-    return _audit_answer(platform.audit.entries(tenant, limit=limit), format)
+    tenant_id = platform.tenant_for(principal, tenant, MANAGE)
+    return _audit_answer(platform.audit.entries(tenant_id=tenant_id, limit=limit), format)
 
 
 @router.get("/audit", response_model=None)
 def all_audit(
     platform: PlatformDep,
     principal: PrincipalDep,
-    tenant: str | None = None,
+    tenant: Annotated[str | None, Query(description="every tenant ever of this name")] = None,
+    tenant_id: Annotated[int | None, Query(description="one tenant, also a deleted one")] = None,
     format: AuditFormat = "json",
     limit: AuditLimit = 1000,
 ) -> Any:
     """Every audit entry, or one tenant's (admin)."""
     platform.require_admin(principal)
-    return _audit_answer(platform.audit.entries(tenant, limit=limit), format)
+    return _audit_answer(platform.audit.entries(tenant, limit=limit, tenant_id=tenant_id), format)
 
 
 def _audit_answer(entries: list[dict[str, Any]], format: str) -> Any:

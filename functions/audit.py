@@ -1,5 +1,9 @@
 """The audit log: every change to tenants, keys, plans and functions, and the platform's own sleep/wake
-decisions, with time, actor (key id or ``system``), tenant, action, target and outcome."""
+decisions, with time, actor (key id or ``system``), tenant, action, target and outcome.
+
+Entries name their tenant and carry its id: a tenant created under a deleted one's name has a new id, and sees
+only its own entries; the admin reads the deleted one's by its id (or every tenant's of a name, by the name).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 
 from functions.errors import PlatformError
-from functions.store import AuditEntry, Store
+from functions.store import AuditEntry, Store, Tenant
 from functions.store.models import utcnow
 
 log = logging.getLogger("paddlefn.audit")
@@ -26,10 +30,19 @@ class AuditLog:
         self._pending: set[asyncio.Future[None]] = set()
 
     def record(self, actor: str, tenant: str | None, action: str, target: str = "", outcome: str = "ok",
-               detail: str = "") -> None:  # fmt: skip
+               detail: str = "", tenant_id: int | None = None) -> None:  # fmt: skip
+        """TENANT_ID defaults to that of the tenant named TENANT now (None if there is none)."""
         with self.store.session() as s:
-            s.add(AuditEntry(at=utcnow(), actor=actor, tenant=tenant, action=action, target=target[:200],
-                             outcome=outcome, detail=detail[:2000]))  # fmt: skip
+            if tenant_id is None and tenant is not None:
+                tenant_id = s.scalar(select(Tenant.id).where(Tenant.name == tenant))
+            s.add(AuditEntry(at=utcnow(), actor=actor, tenant=tenant, tenant_id=tenant_id, action=action,
+                             target=target[:200], outcome=outcome, detail=detail[:2000]))  # fmt: skip
+
+    def tenant_id(self, tenant: str | None) -> int | None:
+        if tenant is None:
+            return None
+        with self.store.session() as s:
+            return s.scalar(select(Tenant.id).where(Tenant.name == tenant))
 
     def record_soon(
         self, actor: str, tenant: str | None, action: str, target: str = "", detail: str = ""
@@ -46,25 +59,34 @@ class AuditLog:
 
     @contextlib.contextmanager
     def change(self, actor: str, tenant: str | None, action: str, target: str = "") -> Iterator[None]:
-        """Record the change made inside the block: ``ok``, ``refused`` (a 4xx) or ``failed``."""
+        """Record the change made inside the block: ``ok``, ``refused`` (a 4xx) or ``failed``. It is the tenant's
+        that existed when the block began (a delete is the deleted tenant's), or else the one it created."""
+        tenant_id = self.tenant_id(tenant)
         try:
             yield
         except PlatformError as exc:
-            self.record(
-                actor, tenant, action, target, "refused" if exc.status < 500 else "failed", exc.message
-            )
+            outcome = "refused" if exc.status < 500 else "failed"
+            self.record(actor, tenant, action, target, outcome, exc.message, tenant_id=tenant_id)
             raise
         except Exception as exc:
-            self.record(actor, tenant, action, target, "failed", repr(exc))
+            self.record(actor, tenant, action, target, "failed", repr(exc), tenant_id=tenant_id)
             raise
-        self.record(actor, tenant, action, target)
+        self.record(actor, tenant, action, target, tenant_id=tenant_id)
 
     def entries(
-        self, tenant: str | None, since: datetime | None = None, limit: int = 1000
+        self,
+        tenant: str | None = None,
+        since: datetime | None = None,
+        limit: int = 1000,
+        *,
+        tenant_id: int | None = None,
     ) -> list[dict[str, Any]]:
+        """The newest LIMIT entries, oldest first: of the tenant TENANT_ID, of every tenant named TENANT, or all."""
         query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
         if tenant is not None:
             query = query.where(AuditEntry.tenant == tenant)
+        if tenant_id is not None:
+            query = query.where(AuditEntry.tenant_id == tenant_id)
         if since is not None:
             query = query.where(AuditEntry.at >= since)
         with self.store.session() as s:
@@ -75,6 +97,7 @@ class AuditLog:
                 "at": r.at.isoformat(),
                 "actor": r.actor,
                 "tenant": r.tenant,
+                "tenant_id": r.tenant_id,
                 "action": r.action,
                 "target": r.target,
                 "outcome": r.outcome,

@@ -177,7 +177,8 @@ def authenticate_device(platform: Platform, authorization: str | None) -> tuple[
                 select(EdgeDevice, Tenant.name)
                 .join(Tenant, EdgeDevice.tenant_id == Tenant.id)
                 .where(EdgeDevice.bundle_id == match.group(1))
-                # A tenant deleted and its id reused (SQLite may) does not inherit the old tenant's devices.
+                # A device older than its tenant is a deleted tenant's whose id was reused: SQLite did reuse ids
+                # before migration 0005 made them unique for good, so a database from then may hold one.
                 .where(Tenant.created_at <= EdgeDevice.created_at)
             ).first()
         if found is not None:
@@ -249,6 +250,7 @@ def _row(record: EdgeRecord, tenant: str, device: EdgeDevice) -> dict[str, Any]:
     started = record.started_at if record.started_at.tzinfo else record.started_at.replace(tzinfo=UTC)
     event = UsageEvent(
         request_id=record.request_id,
+        tenant_id=device.tenant_id,
         tenant=tenant,
         function=device.function,
         started_at=started,

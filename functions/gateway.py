@@ -199,6 +199,7 @@ async def _account(
     await platform.usage.record(
         UsageEvent(
             request_id=request_id,
+            tenant_id=fn.tenant_id,
             tenant=fn.tenant,
             function=fn.name,
             started_at=started_at,

@@ -48,7 +48,7 @@ from functions.registry import (
     check_name,
 )
 from functions.settings import Settings
-from functions.store import ApiKey, Function, Store, Tenant
+from functions.store import ApiKey, DeletedTenant, Function, Store, Tenant
 from functions.store.models import utcnow
 from functions.usage import UsageSink
 from runtime.lite import unavailable_reason as lite_unavailable_reason
@@ -90,9 +90,7 @@ class Platform:
         self.admission = TenantAdmission(self.limits_of)
         self.fair = FairQueue(settings.in_flight_capacity)
         self.audit = AuditLog(self.store)
-        self.billing = Billing(
-            self.ledger, self.plans, self.plan_of, grace=timedelta(seconds=settings.invoice_grace_s)
-        )
+        self.billing = Billing(self.ledger, self.plans, grace=timedelta(seconds=settings.invoice_grace_s))
         self.activator = Activator(
             max_pending_per_function=settings.max_pending_per_function,
             max_pending_per_tenant=settings.max_pending_per_tenant,
@@ -430,6 +428,10 @@ class Platform:
             s.execute(delete(ApiKey).where(ApiKey.tenant_id == tenant.id))
             s.execute(delete(Function).where(Function.tenant_id == tenant.id))
             s.execute(delete(Tenant).where(Tenant.id == tenant.id))
+            # Its usage, invoices and audit entries stay, under its id, which no later tenant gets.
+            s.add(DeletedTenant(id=tenant.id, name=name, plan=tenant.plan, created_at=tenant.created_at,
+                                deleted_at=utcnow()))  # fmt: skip
+        self._limits.pop(name, None)  # a new tenant of this name starts on the default plan
         self.keys.remove_tenant(name)
         shutil.rmtree(self.settings.data_dir / "tenants" / name, ignore_errors=True)
 

@@ -91,10 +91,10 @@ def buckets(records: Iterable[Any], start: datetime, minutes: int) -> dict[str, 
     return {"buckets": rows, "totals": totals, "last": served}
 
 
-def _records(store: Store, tenant: str, function: str, start: datetime, end: datetime) -> list[Any]:
+def _records(store: Store, tenant_id: int, function: str, start: datetime, end: datetime) -> list[Any]:
     u = UsageRecord
     query = select(u.started_at, u.duration_us, u.status, u.cold_start, u.device).where(
-        u.tenant == tenant, u.function == function, u.started_at >= start, u.started_at < end
+        u.tenant_id == tenant_id, u.function == function, u.started_at >= start, u.started_at < end
     )
     with store.session() as s:
         return list(s.execute(query.execution_options(yield_per=5000)))
@@ -109,13 +109,13 @@ async def function_stats(
     minutes: Annotated[int, Query(ge=1, le=MAX_MINUTES, description="how many minutes back, up to now")] = 60,
 ) -> dict[str, Any]:
     """Per-minute requests, errors, cold starts, p50/p99 latency (ms, cold starts included) and engines."""
-    platform.tenant_for(principal, tenant, MANAGE)
+    tenant_id = platform.tenant_for(principal, tenant, MANAGE)
     platform.function(tenant, name)  # 404 for an unknown function
     await platform.ledger.flush()  # so that the last requests are in
     now = utcnow().astimezone(UTC)
     start = now.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
     end = start + timedelta(minutes=minutes)
-    records = await asyncio.to_thread(_records, platform.store, tenant, name, start, end)
+    records = await asyncio.to_thread(_records, platform.store, tenant_id, name, start, end)
     return {
         "tenant": tenant,
         "function": name,

@@ -10,6 +10,7 @@ from typing import Protocol
 @dataclass(frozen=True)
 class UsageEvent:
     request_id: str
+    tenant_id: int  # whose usage it is: a later tenant of the same name has another id
     tenant: str
     function: str
     started_at: datetime

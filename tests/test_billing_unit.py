@@ -21,12 +21,13 @@ from functions.billing.pricing import (
     format_money,
     request_charge,
 )
-from functions.billing.service import Billing
+from functions.billing.service import Account, Billing
 from functions.plans import PlanBook
 from functions.store import Store
 from functions.usage import UsageEvent
 
 NOV_2 = datetime(2026, 11, 2, 3, 0, tzinfo=UTC)
+ACME = Account(1, "acme", "default")
 
 
 class Clock:
@@ -38,10 +39,10 @@ class Clock:
 
 
 def event(request_id: str, *, at: datetime = NOV_2, compute_ms: float = 2.5, status: int = 200,
-          device: str = "cpu", function: str = "classify", tenant: str = "acme") -> UsageEvent:  # fmt: skip
-    return UsageEvent(request_id=request_id, tenant=tenant, function=function, started_at=at, duration_ms=4.0,
-                      compute_ms=compute_ms, device=device, cold_start=False, status=status, bytes_in=100,
-                      bytes_out=40)  # fmt: skip
+          device: str = "cpu", function: str = "classify", tenant: Account = ACME) -> UsageEvent:  # fmt: skip
+    return UsageEvent(request_id=request_id, tenant_id=tenant.id, tenant=tenant.name, function=function,
+                      started_at=at, duration_ms=4.0, compute_ms=compute_ms, device=device, cold_start=False,
+                      status=status, bytes_in=100, bytes_out=40)  # fmt: skip
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def run(coro):
 async def started(store: Store, folder: Path, clock: Clock) -> tuple[Ledger, Billing]:
     ledger = Ledger(store, folder, clock=clock, flush_interval_s=3600)  # flushed by hand or by queries
     await ledger.start()
-    return ledger, Billing(ledger, PlanBook(store), lambda tenant: "default", clock=clock)
+    return ledger, Billing(ledger, PlanBook(store), clock=clock)
 
 
 # ---------------------------------------------------------------------------- arithmetic
@@ -110,8 +111,8 @@ def test_known_traffic_gives_exact_counts_and_amounts(store, tmp_path):
             await ledger.record(event(f"gpu-{i}", compute_ms=1000.0, device="gpu", function="detect"))
         await ledger.record(event("bad-input", status=400))  # reached the function, not billed
         await ledger.record(event("worker-died", status=503, compute_ms=0))
-        invoice = await billing.invoice("acme", "2026-11")
-        usage = await billing.usage("acme", None, None, "function")
+        invoice = await billing.invoice(ACME, "2026-11")
+        usage = await billing.usage(ACME, None, None, "function")
         await ledger.close()
         return invoice, usage
 
@@ -141,7 +142,7 @@ def test_the_free_allowance_never_takes_a_total_below_zero_and_applies_once(stor
         ledger, billing = await started(store, tmp_path / "usage", Clock(NOV_2))
         for i in range(10):
             await ledger.record(event(f"r{i}", compute_ms=1000.0, device="gpu"))
-        invoice = await billing.invoice("acme", "2026-11")
+        invoice = await billing.invoice(ACME, "2026-11")
         await ledger.close()
         return invoice
 
@@ -160,7 +161,7 @@ def test_the_same_request_id_is_counted_once(store, tmp_path):
         await ledger.record(event("same"))
         await ledger.record(event("same"))
         new = await ledger.add_external([ledger_row("same"), ledger_row("other")])
-        invoice = await billing.invoice("acme", "2026-11")
+        invoice = await billing.invoice(ACME, "2026-11")
         await ledger.close()
         return new, invoice
 
@@ -184,9 +185,9 @@ def test_month_boundaries_are_exact_to_the_microsecond(store, tmp_path):
         )
         await ledger.record(event("october", at=last_moment))
         await ledger.record(event("november", at=last_moment + timedelta(microseconds=1)))
-        october = await billing.invoice("acme", "2026-10")
-        november = await billing.invoice("acme", "2026-11")
-        by_day = await billing.usage("acme", datetime(2026, 10, 31, tzinfo=UTC),
+        october = await billing.invoice(ACME, "2026-10")
+        november = await billing.invoice(ACME, "2026-11")
+        by_day = await billing.usage(ACME, datetime(2026, 10, 31, tzinfo=UTC),
                                      datetime(2026, 11, 2, tzinfo=UTC), "day")  # fmt: skip
         await ledger.close()
         return october, november, by_day
@@ -204,10 +205,10 @@ def test_a_closed_month_never_changes_and_late_records_go_to_the_open_month(stor
         ledger, billing = await started(store, tmp_path / "usage", clock)
         await ledger.record(event("on-time", at=datetime(2026, 10, 15, tzinfo=UTC)))
         clock.now = NOV_2  # past the grace hour: the first request for October closes it
-        closed = await billing.invoice("acme", "2026-10")
+        closed = await billing.invoice(ACME, "2026-10")
         await ledger.record(event("late", at=datetime(2026, 10, 31, 23, 0, tzinfo=UTC)))
-        again = await billing.invoice("acme", "2026-10")
-        november = await billing.invoice("acme", "2026-11")
+        again = await billing.invoice(ACME, "2026-10")
+        november = await billing.invoice(ACME, "2026-11")
         await ledger.close()
         return closed, again, november
 
@@ -236,7 +237,7 @@ def test_a_journal_left_by_a_crash_is_replayed_once_and_a_torn_last_line_is_skip
 
     async def restart():
         ledger, billing = await started(store, folder, Clock(NOV_2))
-        invoice = await billing.invoice("acme", "2026-11")
+        invoice = await billing.invoice(ACME, "2026-11")
         await ledger.close()
         return invoice
 
@@ -251,7 +252,7 @@ def test_invoice_csv_has_exact_decimal_amounts(store, tmp_path):
         ledger, billing = await started(store, tmp_path / "usage", Clock(NOV_2))
         for i in range(3):
             await ledger.record(event(f"r{i}", compute_ms=1000.0, device="gpu"))
-        invoice = await billing.invoice("acme", "2026-11")
+        invoice = await billing.invoice(ACME, "2026-11")
         await ledger.close()
         return invoice
 
@@ -270,3 +271,46 @@ def test_invoice_csv_has_exact_decimal_amounts(store, tmp_path):
         "USD",
     ]
     assert rows[-1][2] == "total" and rows[-1][8] == "0.000000"
+
+
+def test_two_tenants_of_the_same_name_are_billed_apart_and_each_month_closes_for_each(store, tmp_path):
+    clock = Clock(NOV_2)
+    later_acme = Account(2, "acme", "default")  # acme deleted, then created again: another id
+
+    async def scenario():
+        ledger, billing = await started(store, tmp_path / "usage", clock)
+        await ledger.record(event("first", at=datetime(2026, 10, 5, tzinfo=UTC)))
+        await ledger.record(event("second-1", at=datetime(2026, 10, 25, tzinfo=UTC), tenant=later_acme))
+        await ledger.record(event("second-2", at=datetime(2026, 10, 26, tzinfo=UTC), tenant=later_acme))
+        return await billing.invoice(ACME, "2026-10"), await billing.invoice(later_acme, "2026-10"), ledger
+
+    first, second, ledger = run(scenario())
+    run(ledger.close())
+    assert (first["status"], first["requests"]) == ("closed", 1)
+    assert (second["status"], second["requests"]) == ("closed", 2)
+
+
+def test_a_journal_written_before_records_carried_tenant_ids_is_replayed_to_the_tenant_of_its_name(
+    store, tmp_path
+):
+    from functions.billing.journal import Journal
+    from functions.billing.ledger import row_of
+    from functions.store import Tenant
+
+    with store.session() as s:
+        s.add(Tenant(id=7, name="acme", created_at=datetime(2026, 11, 1, tzinfo=UTC)))
+    folder = tmp_path / "usage"
+    journal = Journal(folder)  # what a platform of the earlier version left when it was killed
+    for i in range(3):
+        row = row_of(event(f"r{i}"))
+        del row["tenant_id"]
+        journal.append(row)
+    journal.close()
+
+    async def restart():
+        ledger, billing = await started(store, folder, Clock(NOV_2))
+        invoice = await billing.invoice(Account(7, "acme", "default"), "2026-11")
+        await ledger.close()
+        return invoice
+
+    assert run(restart())["requests"] == 3

@@ -5,6 +5,9 @@ so it adds microseconds to a request. A background task moves journal batches in
 ``flush_interval_s`` with ``INSERT ... ON CONFLICT (request_id) DO NOTHING``: replaying a batch (after a crash,
 after a failed commit) never counts a request twice. Queries flush first, so they see every answered request.
 
+Records belong to a tenant by id (``tenant_id``), not by name: a tenant created under a deleted one's name has a
+new id, so it starts with no usage and no invoices, while the deleted one's stay readable under its own id.
+
 Periods: a record belongs to the invoice month of its start time, unless that month's invoice is already closed
 (a late edge upload, a record replayed after the close): then it goes to the month in which it arrived, since a
 closed invoice never changes.
@@ -22,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
 
 from functions.billing.journal import Journal, JournalError, read
 from functions.billing.pricing import billed_ms
 from functions.errors import Unavailable
-from functions.store import Invoice, Store, UsageRecord
+from functions.store import DeletedTenant, Invoice, Store, Tenant, UsageRecord
 from functions.store.models import utcnow
 from functions.usage import UsageEvent
 
@@ -44,6 +48,7 @@ def row_of(event: UsageEvent, source: str = "gateway") -> dict[str, Any]:
     compute_us = max(0, round(event.compute_ms * 1000))
     return {
         "request_id": event.request_id,
+        "tenant_id": event.tenant_id,
         "tenant": event.tenant,
         "function": event.function,
         "started_at": event.started_at.astimezone(UTC).isoformat(),
@@ -93,14 +98,14 @@ class Ledger:
         self._buffer: list[dict[str, Any]] = []
         self._unflushed: list[tuple[Path, list[dict[str, Any]]]] = []  # batches whose commit is still owed
         self._lock = asyncio.Lock()
-        self._closed: set[tuple[str, str]] = set()
+        self._closed: set[tuple[int, str]] = set()  # (tenant id, period) of frozen invoices
         self._task: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         with self.store.session() as s:
-            self._closed = {(t, p) for t, p in s.execute(select(Invoice.tenant, Invoice.period))}
+            self._closed = {(t, p) for t, p in s.execute(select(Invoice.tenant_id, Invoice.period))}
         journal = Journal(self.folder)
         leftovers = [p for p in journal.files() if p != journal.path]
         for path in leftovers:  # what a crash left behind: replay, idempotently
@@ -170,15 +175,19 @@ class Ledger:
         if not rows:
             return
         now_period = period_of(self.clock())
-        values = []
-        for row in rows:
-            started = datetime.fromisoformat(row["started_at"])
-            period = period_of(started)
-            if (row["tenant"], period) in self._closed:
-                period = now_period
-            values.append({**row, "started_at": started, "period": period})
         with self.store.session() as s:
-            s.execute(_insert_ignoring_duplicates(self.store.engine), values)
+            values = []
+            for raw in rows:
+                row = raw if "tenant_id" in raw else _with_tenant_id(s, raw)
+                if row is None:
+                    continue
+                started = datetime.fromisoformat(row["started_at"])
+                period = period_of(started)
+                if (row["tenant_id"], period) in self._closed:
+                    period = now_period
+                values.append({**row, "started_at": started, "period": period})
+            if values:
+                s.execute(_insert_ignoring_duplicates(self.store.engine), values)
 
     async def add_external(self, rows: list[dict[str, Any]]) -> int:
         """Records made elsewhere (edge devices): committed before returning; duplicates ignored. Returns how
@@ -196,18 +205,20 @@ class Ledger:
 
     # ---------------------------------------------------------------- reading
 
-    async def usage(self, tenant: str, start: datetime, end: datetime, group_by: str) -> list[dict[str, Any]]:
-        """Usage of TENANT in [START, END), grouped by function, device, day or hour (UTC)."""
+    async def usage(
+        self, tenant_id: int, start: datetime, end: datetime, group_by: str
+    ) -> list[dict[str, Any]]:
+        """Usage of tenant TENANT_ID in [START, END), grouped by function, device, day or hour (UTC)."""
         if group_by not in GROUPS:
             raise ValueError(f"group_by must be one of {', '.join(GROUPS)}")
         await self.flush()
-        return await asyncio.to_thread(self._usage, tenant, start, end, group_by)
+        return await asyncio.to_thread(self._usage, tenant_id, start, end, group_by)
 
-    def _usage(self, tenant: str, start: datetime, end: datetime, group_by: str) -> list[dict[str, Any]]:
+    def _usage(self, tenant_id: int, start: datetime, end: datetime, group_by: str) -> list[dict[str, Any]]:
         u = UsageRecord
         columns = (u.started_at, u.function, u.device, u.billable, u.status, u.cold_start, u.compute_us,
                    u.billed_ms, u.bytes_in, u.bytes_out)  # fmt: skip
-        query = select(*columns).where(u.tenant == tenant, u.started_at >= start, u.started_at < end)
+        query = select(*columns).where(u.tenant_id == tenant_id, u.started_at >= start, u.started_at < end)
         groups: dict[str, dict[str, int]] = {}
         with self.store.session() as s:
             # Grouped here rather than in SQL: day/hour truncation differs between SQLite and PostgreSQL, and a
@@ -232,41 +243,60 @@ class Ledger:
             rows.append({group_by: key, **g})
         return rows
 
-    async def lines(self, tenant: str, period: str) -> list[Line]:
+    async def lines(self, tenant_id: int, period: str) -> list[Line]:
         await self.flush()
-        return await asyncio.to_thread(self._lines, tenant, period)
+        return await asyncio.to_thread(self._lines, tenant_id, period)
 
-    def _lines(self, tenant: str, period: str) -> list[Line]:
+    def _lines(self, tenant_id: int, period: str) -> list[Line]:
         u = UsageRecord
         query = (
             select(u.function, u.device, func.count(), func.coalesce(func.sum(u.billed_ms), 0))
-            .where(u.tenant == tenant, u.period == period, u.billable.is_(True))
+            .where(u.tenant_id == tenant_id, u.period == period, u.billable.is_(True))
             .group_by(u.function, u.device)
             .order_by(u.function, u.device)
         )
         with self.store.session() as s:
             return [Line(f, d, int(n), int(ms)) for f, d, n, ms in s.execute(query)]
 
-    def is_closed(self, tenant: str, period: str) -> bool:
-        return (tenant, period) in self._closed
+    def is_closed(self, tenant_id: int, period: str) -> bool:
+        return (tenant_id, period) in self._closed
 
     async def close_period(
-        self, tenant: str, period: str, build: Callable[[list[Line]], dict[str, Any]]
+        self, tenant_id: int, tenant: str, period: str, build: Callable[[list[Line]], dict[str, Any]]
     ) -> dict[str, Any]:
-        """Freeze TENANT's invoice for PERIOD, built by BUILD from its lines; from now on records for PERIOD go
-        to later months. Returns the frozen document (the earlier one if the period was already closed)."""
+        """Freeze the invoice of tenant TENANT_ID (named TENANT) for PERIOD, built by BUILD from its lines; from
+        now on its records for PERIOD go to later months. Returns the frozen document (the earlier one if the
+        period was already closed)."""
         async with self._lock:
             await self._flush_locked()  # under the lock: nothing lands in PERIOD between reading and freezing
             with self.store.session() as s:
-                existing = s.get(Invoice, (tenant, period))
+                existing = s.get(Invoice, (tenant_id, period))
                 if existing is not None:
-                    self._closed.add((tenant, period))
+                    self._closed.add((tenant_id, period))
                     return existing.document
-            document = build(await asyncio.to_thread(self._lines, tenant, period))
+            document = build(await asyncio.to_thread(self._lines, tenant_id, period))
             with self.store.session() as s:
-                s.add(Invoice(tenant=tenant, period=period, document=document, closed_at=self.clock()))
-            self._closed.add((tenant, period))
+                s.add(Invoice(tenant_id=tenant_id, tenant=tenant, period=period, document=document,
+                              closed_at=self.clock()))  # fmt: skip
+            self._closed.add((tenant_id, period))
             return document
+
+
+def _with_tenant_id(s: Session, row: dict[str, Any]) -> dict[str, Any] | None:
+    """A journal row written before records carried tenant ids (migration 0005), replayed after the upgrade:
+    the tenant of that name, which existed when it was written (or, deleted since, the newest of that name)."""
+    tenant_id = s.scalar(select(Tenant.id).where(Tenant.name == row["tenant"]))
+    if tenant_id is None:
+        tenant_id = s.scalar(
+            select(DeletedTenant.id)
+            .where(DeletedTenant.name == row["tenant"])
+            .order_by(DeletedTenant.id.desc())
+        )
+    if tenant_id is None:
+        log.error("usage record %s names tenant %r, which this platform never had: not billed",
+                  row["request_id"], row["tenant"])  # fmt: skip
+        return None
+    return {**row, "tenant_id": tenant_id}
 
 
 def _group_key(r: Any, group_by: str) -> str:

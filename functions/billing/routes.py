@@ -1,4 +1,5 @@
-"""Billing endpoints: usage, invoices (JSON and CSV) and plans (prices and limits)."""
+"""Billing endpoints: usage, invoices (JSON and CSV) and plans (prices and limits); and, for the admin, the
+deleted tenants, whose invoices stay readable by tenant id (a new tenant of the same name starts empty)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
+from sqlalchemy import select
 
 from functions.api import PlatformDep, PrincipalDep
 from functions.auth import MANAGE
 from functions.billing import invoices
-from functions.errors import BadRequest
+from functions.billing.service import Account
+from functions.errors import BadRequest, NotFound
+from functions.platform import Platform
+from functions.store import DeletedTenant
 
 router = APIRouter(prefix="/v1", tags=["billing"])
 
@@ -39,8 +44,8 @@ async def usage(
     end: Annotated[str | None, Query(description="ISO 8601, exclusive, default: now")] = None,
     group_by: Annotated[str, Query(description="function, device, day or hour")] = "function",
 ) -> dict[str, Any]:
-    platform.tenant_for(principal, tenant, MANAGE)
-    return await platform.billing.usage(tenant, _time(start, "start"), _time(end, "end"), group_by)
+    account = Account(platform.tenant_for(principal, tenant, MANAGE), tenant, platform.plan_of(tenant))
+    return await platform.billing.usage(account, _time(start, "start"), _time(end, "end"), group_by)
 
 
 @router.get("/tenants/{tenant}/invoices/{period}", response_model=None)
@@ -51,17 +56,49 @@ async def invoice(
     principal: PrincipalDep,
     format: Annotated[str, Query(description="json or csv")] = "json",
 ) -> dict[str, Any] | Response:
-    platform.tenant_for(principal, tenant, MANAGE)
+    account = Account(platform.tenant_for(principal, tenant, MANAGE), tenant, platform.plan_of(tenant))
+    return await _invoice(platform, account, period, format)
+
+
+async def _invoice(
+    platform: Platform, account: Account, period: str, format: str
+) -> dict[str, Any] | Response:
     if format not in ("json", "csv"):
         raise BadRequest("format must be json or csv")
-    document = await platform.billing.invoice(tenant, period)
+    document = await platform.billing.invoice(account, period)
     if format == "csv":
-        return PlainTextResponse(
-            invoices.to_csv(document),
-            media_type="text/csv",
-            headers={"content-disposition": f'attachment; filename="invoice-{tenant}-{period}.csv"'},
-        )
+        filename = f"invoice-{account.name}-{period}.csv"
+        return PlainTextResponse(invoices.to_csv(document), media_type="text/csv",
+                                 headers={"content-disposition": f'attachment; filename="{filename}"'})  # fmt: skip
     return document
+
+
+@router.get("/deleted-tenants")
+def deleted_tenants(platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
+    """Tenants deleted so far, newest first, with the ids their invoices and audit entries are kept under."""
+    platform.require_admin(principal)
+    with platform.store.session() as s:
+        rows = list(s.scalars(select(DeletedTenant).order_by(DeletedTenant.id.desc())))
+    return {"tenants": [{"id": r.id, "name": r.name, "plan": r.plan,
+                         "created_at": r.created_at.isoformat() if r.created_at else None,
+                         "deleted_at": r.deleted_at.isoformat() if r.deleted_at else None} for r in rows]}  # fmt: skip
+
+
+@router.get("/deleted-tenants/{tenant_id}/invoices/{period}", response_model=None)
+async def deleted_tenant_invoice(
+    tenant_id: int,
+    period: str,
+    platform: PlatformDep,
+    principal: PrincipalDep,
+    format: Annotated[str, Query(description="json or csv")] = "json",
+) -> dict[str, Any] | Response:
+    """A deleted tenant's invoice, priced by the plan it had (admin)."""
+    platform.require_admin(principal)
+    with platform.store.session() as s:
+        row = s.get(DeletedTenant, tenant_id)
+    if row is None:
+        raise NotFound(f"no deleted tenant has id {tenant_id} (GET /v1/deleted-tenants lists them)")
+    return await _invoice(platform, Account(row.id, row.name, row.plan), period, format)
 
 
 class PlanIn(BaseModel):

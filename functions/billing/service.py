@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -13,24 +14,32 @@ from functions.plans import PlanBook
 from functions.store.models import utcnow
 
 
+@dataclass(frozen=True)
+class Account:
+    """Whose usage and invoices: one tenant by its id (never reused), with the name and plan it has, or had when
+    it was deleted."""
+
+    id: int
+    name: str
+    plan: str
+
+
 class Billing:
     def __init__(
         self,
         ledger: Ledger,
         plans: PlanBook,
-        plan_of: Callable[[str], str],
         *,
         grace: timedelta = timedelta(hours=1),
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.ledger = ledger
         self.plans = plans
-        self.plan_of = plan_of  # tenant name -> plan name
         self.grace = grace
         self.clock = clock
 
     async def usage(
-        self, tenant: str, start: datetime | None, end: datetime | None, group_by: str
+        self, account: Account, start: datetime | None, end: datetime | None, group_by: str
     ) -> dict[str, Any]:
         now = self.clock()
         start = start or invoices.parse_period(period_of(now))[0]  # default: this month so far
@@ -40,13 +49,13 @@ class Billing:
         if end <= start:
             raise BadRequest(f"end ({end.isoformat()}) must come after start ({start.isoformat()})")
         try:
-            rows = await self.ledger.usage(tenant, start, end, group_by)
+            rows = await self.ledger.usage(account.id, start, end, group_by)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
-        return {"tenant": tenant, "start": start.isoformat(), "end": end.isoformat(), "group_by": group_by,
-                "rows": rows}  # fmt: skip
+        return {"tenant": account.name, "start": start.isoformat(), "end": end.isoformat(),
+                "group_by": group_by, "rows": rows}  # fmt: skip
 
-    async def invoice(self, tenant: str, period: str) -> dict[str, Any]:
+    async def invoice(self, account: Account, period: str) -> dict[str, Any]:
         try:
             start, _ = invoices.parse_period(period)
         except ValueError as exc:
@@ -54,13 +63,14 @@ class Billing:
         now = self.clock()
         if start > now:
             raise BadRequest(f"{period} has not begun; invoices exist for this month and earlier ones")
-        plan = self.plan_of(tenant)
+        tenant, plan = account.name, account.plan
         prices = self.plans.prices(plan)
-        if self.ledger.is_closed(tenant, period) or now >= invoices.closes_at(period, self.grace):
+        if self.ledger.is_closed(account.id, period) or now >= invoices.closes_at(period, self.grace):
             return await self.ledger.close_period(
+                account.id,
                 tenant,
                 period,
                 lambda lines: invoices.build(tenant, period, lines, prices, status="closed", plan=plan),
             )
-        lines = await self.ledger.lines(tenant, period)
+        lines = await self.ledger.lines(account.id, period)
         return invoices.build(tenant, period, lines, prices, status="open", plan=plan)

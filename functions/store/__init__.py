@@ -4,6 +4,7 @@ from functions.store.db import Store
 from functions.store.models import (
     ApiKey,
     AuditEntry,
+    DeletedTenant,
     EdgeDevice,
     Function,
     Invoice,
@@ -15,6 +16,7 @@ from functions.store.models import (
 __all__ = [
     "ApiKey",
     "AuditEntry",
+    "DeletedTenant",
     "EdgeDevice",
     "Function",
     "Invoice",

@@ -49,11 +49,28 @@ class Base(DeclarativeBase):
 
 class Tenant(Base):
     __tablename__ = "tenants"
+    # Without AUTOINCREMENT SQLite hands out max(id) + 1, so deleting the newest tenant would give its id (and
+    # with it its worker uid, settings.tenant_uid_base + id) to the next one. PostgreSQL's sequence never reuses.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
     plan: Mapped[str] = mapped_column(String(63), default="default")  # prices (and, later, quotas)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeletedTenant(Base):
+    """A tenant that was deleted, under its id (never given to another tenant): its usage, invoices and audit
+    entries are kept by that id, and the admin reads them through it."""
+
+    __tablename__ = "deleted_tenants"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # the tenant's id
+    name: Mapped[str] = mapped_column(String(63), index=True)  # not unique: a name may be deleted many times
+    plan: Mapped[str] = mapped_column(String(63))  # the plan it had: prices its still-open invoice
+    # Both None for a tenant deleted before migration 0005, found only through its records (see there).
+    created_at: Mapped[datetime | None] = mapped_column(default=None)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ApiKey(Base):
@@ -92,12 +109,15 @@ class UsageRecord(Base):
 
     __tablename__ = "usage_records"
     __table_args__ = (
-        Index("ix_usage_tenant_period", "tenant", "period"),
-        Index("ix_usage_tenant_started", "tenant", "started_at"),
+        Index("ix_usage_tenant_id_period", "tenant_id", "period"),
+        Index("ix_usage_tenant_id_started", "tenant_id", "started_at"),
     )
 
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(63))  # by name: billing history outlives the tenant row
+    # By id, not a foreign key: billing history outlives the tenant row, and a later tenant of the same name
+    # (a new id) must not see it.
+    tenant_id: Mapped[int] = mapped_column(Integer)
+    tenant: Mapped[str] = mapped_column(String(63))  # the name it had, for people
     function: Mapped[str] = mapped_column(String(63))
     period: Mapped[str] = mapped_column(String(7))  # "YYYY-MM" of the invoice it belongs to
     started_at: Mapped[datetime] = mapped_column()
@@ -127,7 +147,8 @@ class Invoice(Base):
 
     __tablename__ = "invoices"
 
-    tenant: Mapped[str] = mapped_column(String(63), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(Integer, primary_key=True)  # as UsageRecord.tenant_id
+    tenant: Mapped[str] = mapped_column(String(63))
     period: Mapped[str] = mapped_column(String(7), primary_key=True)
     document: Mapped[dict[str, Any]] = mapped_column()
     closed_at: Mapped[datetime] = mapped_column()
@@ -137,12 +158,18 @@ class AuditEntry(Base):
     """One change to the platform: who (key id), what (action, target), to which tenant, and how it ended."""
 
     __tablename__ = "audit_log"
-    __table_args__ = (Index("ix_audit_tenant_at", "tenant", "at"),)
+    __table_args__ = (
+        Index("ix_audit_tenant_at", "tenant", "at"),
+        Index("ix_audit_tenant_id_at", "tenant_id", "at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[datetime] = mapped_column()
     actor: Mapped[str] = mapped_column(String(32))  # key id, or "system" for the platform's own policy
-    tenant: Mapped[str | None] = mapped_column(String(63))
+    tenant: Mapped[str | None] = mapped_column(String(63))  # the name, for people and for ?tenant=
+    # Which tenant of that name (as UsageRecord.tenant_id); None for changes to no tenant, or to one that never
+    # existed (a refused create).
+    tenant_id: Mapped[int | None] = mapped_column(Integer, default=None)
     action: Mapped[str] = mapped_column(String(40))  # e.g. function.create, key.revoke, function.sleep
     target: Mapped[str] = mapped_column(String(200), default="")
     outcome: Mapped[str] = mapped_column(String(16))  # ok | failed | refused
