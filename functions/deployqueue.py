@@ -73,12 +73,12 @@ class DeployQueue:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        for tenant in list(self._waiting):  # forget turns given up (cancelled deploys)
-            queue = self._waiting[tenant]
-            while queue and queue[0].done():
-                queue.popleft()
-            if not queue:
-                del self._waiting[tenant]
+        for name in list(self._waiting):  # forget turns given up (cancelled deploys)
+            turns = self._waiting[name]
+            while turns and turns[0].done():
+                turns.popleft()
+            if not turns:
+                del self._waiting[name]
         while True:
             waiting = {t: len(q) for t, q in self._waiting.items()}
             tenant = next_tenant(
