@@ -151,6 +151,9 @@ def confine(
     # Other users' processes (the platform's, other tenants') disappear from /proc, command lines included.
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV, "hidepid=invisible")
 
+    # The working folder still points into the tree as it was (under the new mounts): leave it, or a relative
+    # path (`..` from a folder below /tmp) would walk the hidden, unconfined tree.
+    os.chdir("/")
     os.environ["HOME"] = os.environ["TMPDIR"] = str(tmp)
     _set_limits(limits)
     deathsig, parent = ctypes.c_int(0), os.getppid()

@@ -483,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("GLOG_minloglevel", "2")
     if args.confine:
+        # Absolute first: confined, the process leaves its working folder for "/" (runtime.isolation).
+        args.src, args.out = args.src.resolve(), args.out.resolve()
         _confine(args.src, args.out, args.confine)
     start = time.perf_counter()
     try:

@@ -562,7 +562,11 @@ class LocalBackend:
         return True
 
     def _load_parameters(self, fn: FunctionRecord, engine: str) -> dict[str, Any]:
-        params: dict[str, Any] = {"model_dir": str(fn.serving_dir), "cpu_threads": self.settings.cpu_threads}
+        # Absolute: a confined worker leaves its working folder for "/" (runtime.isolation).
+        params: dict[str, Any] = {
+            "model_dir": str(fn.serving_dir.resolve()),
+            "cpu_threads": self.settings.cpu_threads,
+        }
         if engine == LITE:
             params["engine"] = LITE
         if self._confining():

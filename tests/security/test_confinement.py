@@ -95,10 +95,14 @@ def test_a_confined_process_has_no_network_private_tmp_and_sees_no_other_process
             "other_pids": sorted(int(p) for p in pids if int(p) != os.getpid()),
             "parent_cmdline": attempt(lambda: Path("/proc/{os.getpid()}/cmdline").read_bytes()),
             "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
+            "cwd": os.getcwd(),
+            "up_from_cwd": attempt(lambda: sorted(os.listdir(".."))),
         }}))
     """)
-    with listener:
-        result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    with listener:  # started in a folder below /tmp: its working folder must not stay in the hidden tree
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=data
+        )
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     assert seen["tmp_write"] != "OSError" and not outside.exists()  # it wrote into its own /tmp, not ours
@@ -107,6 +111,7 @@ def test_a_confined_process_has_no_network_private_tmp_and_sees_no_other_process
     assert seen["other_pids"] == []  # the platform, other tenants: out of sight
     assert seen["parent_cmdline"] in ("FileNotFoundError", "PermissionError")
     assert seen["nproc"] == 64
+    assert seen["cwd"] == "/" and "data" not in seen["up_from_cwd"]
 
 
 def test_platform_workers_run_confined_without_platform_secrets(platform, models):
