@@ -553,6 +553,15 @@ class Platform:
             # Lite was asked for (on deploy, or by a PATCH meanwhile), and this model cannot be served by it.
             manifest, error = None, problem
         status = READY if manifest else FAILED
+        if manifest is not None:
+            # READY means warm: the first replica starts (and the backend waits for it) before anyone is told.
+            ready = dataclasses.replace(current, status=READY, error=None, manifest=manifest)
+            await asyncio.to_thread(self._give_to_tenant, ready)
+            self.activator.touch(ready)
+            await self.backend.deployed(ready)
+            current = self.registry.get(record.tenant, record.name)
+            if current is None or current.id != record.id:
+                return  # deleted meanwhile (its replicas went with it)
         now = utcnow()
         with self.store.session() as s:
             s.execute(
@@ -568,10 +577,7 @@ class Platform:
             log.info("deploy of %s failed: %s", record.label, error)
             shutil.rmtree(record.serving_dir, ignore_errors=True)
             return
-        await asyncio.to_thread(self._give_to_tenant, updated)
         log.info("deployed %s (%s program)", record.label, manifest.golden.get("served_program"))
-        self.activator.touch(updated)
-        await self.backend.deployed(updated)
 
     async def update_function(self, fn: FunctionRecord, patch: dict[str, Any]) -> FunctionRecord:
         merged = {**fn.config.model_dump(), **patch}

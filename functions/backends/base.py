@@ -55,7 +55,8 @@ class Backend(Protocol):
         ...
 
     async def deployed(self, fn: FunctionRecord) -> None:
-        """A function became ready (deploy succeeded, or the platform restarted with it)."""
+        """A deploy succeeded: start the function's first replica and return once it is ready (or its start
+        ended), since the platform says READY only after this returns."""
 
     async def removed(self, fn: FunctionRecord) -> None:
         """A function was deleted: its replicas go away."""

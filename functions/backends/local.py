@@ -89,6 +89,7 @@ class ReplicaSet:
     fallback_starting: int = 0
     waiters: deque[asyncio.Future[Replica]] = field(default_factory=deque)
     last_used: float = field(default_factory=time.monotonic)
+    _start_watchers: list[asyncio.Future[None]] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -124,6 +125,18 @@ class ReplicaSet:
             if replica is None:
                 return
             self.waiters.popleft().set_result(replica)
+
+    def start_ended(self) -> asyncio.Future[None]:
+        """Resolves when the next replica start of this set ends (ready, failed or called off)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._start_watchers.append(future)
+        return future
+
+    def notify_start_ended(self) -> None:
+        watchers, self._start_watchers = self._start_watchers, []
+        for future in watchers:
+            if not future.done():
+                future.set_result(None)
 
     def fail_waiters(self, error: Exception) -> None:
         while self.waiters:
@@ -265,6 +278,15 @@ class LocalBackend:
     async def deployed(self, fn: FunctionRecord) -> None:
         # As Knative's initial scale: a new function starts one replica so its first request is warm.
         await self.set_replicas(fn, max(fn.config.min_scale, 1))
+        # Wait for the first one (the platform says READY only then), however its start ends: a start that
+        # fails or is called off (fair shares) leaves a ready function whose first request starts one.
+        rs = self._sets.get(fn.key)
+        while rs is not None and rs.starting and not rs.replicas:
+            ended = rs.start_ended()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended, self._cold_timeout(fn))
+            if not ended.done():
+                return
 
     async def removed(self, fn: FunctionRecord) -> None:
         rs = self._sets.pop(fn.key, None)
@@ -390,6 +412,12 @@ class LocalBackend:
     # ---------------------------------------------------------------- primary replicas
 
     async def _start_replica(self, rs: ReplicaSet) -> None:
+        try:
+            await self._start_primary(rs)
+        finally:
+            rs.notify_start_ended()
+
+    async def _start_primary(self, rs: ReplicaSet) -> None:
         fn = rs.fn
         engine = primary_engine(fn)
         worker: WorkerProcess | None = None
