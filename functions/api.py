@@ -267,7 +267,11 @@ def capacity(platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
         for f in platform.registry.ready()
         if platform.backend.replicas(f)
     ]
-    return {"workers": platform.backend.capacity(), "warm": warm}
+    result: dict[str, Any] = {"workers": platform.backend.capacity(), "warm": warm}
+    memory = getattr(platform.backend, "memory", None)
+    if memory is not None:  # the embedded backend: warm workers are bounded by a memory budget
+        result["memory"] = memory()
+    return result
 
 
 AuditFormat = Annotated[Literal["json", "jsonl"], Query(description="json, or jsonl to export")]

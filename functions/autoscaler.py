@@ -73,6 +73,11 @@ class Autoscaler:
         capacity = self.backend.capacity()
         for state, value in capacity.items():
             self.metrics.workers.labels(state).set(value)
+        if (memory := getattr(self.backend, "memory", None)) is not None:
+            m = memory()
+            for kind, key in (("budget", "budget_mb"), ("used", "used_mb"), ("per_worker", "per_worker_mb"),
+                              ("template", "template_mb")):  # fmt: skip
+                self.metrics.worker_memory.labels(kind).set(m[key] * 1024 * 1024)
 
     def _within_tenant_limit(self, fn: FunctionRecord, current: int, desired: int) -> int:
         """Scale-ups stop at the tenant's max_replicas (a sleeping function may still wake to one replica)."""

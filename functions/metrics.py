@@ -73,6 +73,12 @@ class Metrics:
         self.workers = Gauge(
             "paddlefn_worker_slots", "Worker process slots, by state", ("state",), registry=self.registry
         )
+        self.worker_memory = Gauge(
+            "paddlefn_worker_memory_bytes",
+            "Memory of warm workers (PSS): budget, used (template and workers), per_worker (mean), template",
+            ("kind",),
+            registry=self.registry,
+        )
 
     def billed(self, row: dict[str, object]) -> None:
         """Count one billable ledger row, so that dashboards reconcile with invoices."""

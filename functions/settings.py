@@ -58,10 +58,19 @@ class Settings:
     pool_size: int = 2
     """Pre-warmed workers (Paddle imported, device up) kept ready, so a cold start is model load + first run."""
     max_workers: int = 0
-    """Most worker processes at once, pool included; 0 means 2 per CPU core (at least 4)."""
+    """Most worker processes at once, pool included; 0 means as many as memory_budget_mb holds at the measured
+    memory (PSS) of a worker (functions/backends/memory.py)."""
+    memory_budget_mb: int = 0
+    """Memory warm workers (and their template) may take, in MiB; 0 means 60% of the machine's memory (of the
+    platform's cgroup limit when that is lower). An idle warm function costs only this memory; compute is
+    bounded apart, by max_in_flight."""
+    worker_start: str = "fork"
+    """How workers start: "fork" (from a template process that has imported Paddle once: milliseconds, and
+    pages shared; runtime/zygote.py) or "spawn" (a Python process of their own, ~2 s and ~130 MB each)."""
     lite_workers: int = 0
     """Most Paddle Lite worker processes at once (device=lite and fallback replicas; CPU only, no Paddle import,
-    counted apart from max_workers so that Lite can answer when those are all taken); 0 means max_workers."""
+    counted apart from max_workers so that Lite can answer when those are all taken); 0 means max_workers, or
+    2 per CPU core (at least 4) when that is 0 too."""
     lite_pool_size: int = 1
     """Pre-warmed Lite workers kept ready once some function uses Lite (device=lite or a fallback)."""
     device: str = "auto"
@@ -77,8 +86,9 @@ class Settings:
     """Address-space limit per worker in MiB (0: none); a model over it fails alone, with a clear error."""
 
     max_in_flight: int = 0
-    """Requests forwarded to replicas at once across all tenants; beyond it they wait in a weighted fair queue
-    (each tenant's share in proportion to its plan's weight). 0 means 4 per worker slot."""
+    """Requests forwarded to replicas at once across all tenants (the compute limit, apart from how many functions
+    may be warm); beyond it they wait in a weighted fair queue (each tenant's share in proportion to its plan's
+    weight). 0 means 8 per CPU core."""
 
     max_connections: int = 0
     """Most client connections held open at once; a new one beyond it closes the longest-idle connection (one
@@ -132,9 +142,13 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
     """Settings of optional parts (e.g. the Kubernetes backend), by name."""
 
+    def __post_init__(self) -> None:
+        if self.worker_start not in ("fork", "spawn"):
+            raise ValueError(f"worker_start must be 'fork' or 'spawn', not {self.worker_start!r}")
+
     @property
     def in_flight_capacity(self) -> int:
-        return self.max_in_flight or 4 * self.worker_limit
+        return self.max_in_flight or 8 * (os.cpu_count() or 1)
 
     @property
     def base_url(self) -> str:
@@ -145,15 +159,11 @@ class Settings:
 
     @property
     def lite_worker_limit(self) -> int:
-        return self.lite_workers or self.worker_limit
+        return self.lite_workers or self.max_workers or max(4, 2 * (os.cpu_count() or 1))
 
     @property
     def database(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'paddlefn.db').resolve()}"
-
-    @property
-    def worker_limit(self) -> int:
-        return self.max_workers or max(4, 2 * (os.cpu_count() or 1))
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

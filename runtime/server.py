@@ -341,6 +341,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="0.0.0.0", help="TCP address to bind with --port")
     p.add_argument("--ready-fd", type=int, help="write one JSON line here once warm (embedded pool)")
     p.add_argument("--parent-pid", type=int, help="exit when this process dies (embedded pool)")
+    p.add_argument(
+        "--lifeline-fd", type=int, help="exit when this pipe reads end-of-file (forked from runtime.zygote)"
+    )
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="device to bring up")
     p.add_argument(
         "--model-dir", type=Path, help="load this prepared model at start (folder with manifest.json)"
@@ -366,7 +369,7 @@ def _warm_protocol() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s"
+        level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s", force=True
     )
     if args.parent_pid:
         _die_with_parent(args.parent_pid)
@@ -395,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     _warm_protocol()
 
     async def serve() -> None:
+        if args.lifeline_fd is not None:  # forked: the platform holds the write end; EOF means it is gone
+            asyncio.get_running_loop().add_reader(args.lifeline_fd, os._exit, 1)
         if args.model_dir:
             options = LoadOptions(
                 model_dir=args.model_dir,

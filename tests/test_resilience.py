@@ -78,12 +78,15 @@ def test_a_platform_killed_with_sigkill_leaves_no_workers_behind(platform_factor
     acme = make_tenant(p, "acme")
     deploy(acme, "classify", models["mlp"])
     pids = wait_for(lambda: replica_pids(p, "acme", "classify"), what="a warm replica")
-    children = [
-        int(x) for x in Path(f"/proc/{p.process.pid}/task/{p.process.pid}/children").read_text().split()
-    ]
-    assert set(pids) <= set(children)
+    descendants = descendants_of(p.process.pid)  # workers are forked by the template, a child of ours
+    assert set(pids) <= set(descendants)
     p.stop(signal.SIGKILL)
-    wait_for(lambda: not any(process_exists(c) for c in children), timeout=15, what="workers to exit")
+    wait_for(lambda: not any(process_exists(c) for c in descendants), timeout=15, what="workers to exit")
+
+
+def descendants_of(pid: int) -> list[int]:
+    children = [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [d for c in children for d in (c, *descendants_of(c))]
 
 
 def test_a_model_over_its_memory_limit_fails_alone_with_a_clear_error(platform_factory, models, mobilenet):

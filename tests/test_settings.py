@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -136,8 +137,17 @@ def test_a_bad_variable_is_named_in_the_error(variable: str, value: str, detail:
     assert detail in message
 
 
-def test_public_url_and_worker_limit() -> None:
+def test_public_url_and_worker_limits() -> None:
     s = Settings.from_env({"PADDLEFN_PUBLIC_URL": "https://fn.example.com/", "PADDLEFN_MAX_WORKERS": "6"})
     assert s.base_url == "https://fn.example.com"
-    assert s.worker_limit == 6
-    assert Settings().worker_limit >= 4
+    assert s.max_workers == 6 and s.lite_worker_limit == 6
+    # Compute (requests in flight) is bounded by cores, apart from how many workers may be warm (memory).
+    assert Settings().in_flight_capacity == 8 * (os.cpu_count() or 1)
+    assert Settings(max_workers=1000).in_flight_capacity == Settings().in_flight_capacity
+
+
+def test_worker_start_is_fork_or_spawn() -> None:
+    assert Settings().worker_start == "fork"
+    assert Settings.from_env({"PADDLEFN_WORKER_START": "spawn"}).worker_start == "spawn"
+    with pytest.raises(ValueError, match="worker_start must be 'fork' or 'spawn'"):
+        Settings.from_env({"PADDLEFN_WORKER_START": "clone"})

@@ -40,7 +40,9 @@ from functions.backends.pool import (
     WorkerStartError,
     WorkerTimeout,
     WorkerUnreachable,
+    worker_env,
 )
+from functions.backends.template import WorkerTemplate
 from functions.deploy import prepare_model
 from functions.errors import FunctionTimeout, GatewayTimeout, Unavailable
 from functions.registry import FunctionRecord
@@ -150,8 +152,16 @@ class LocalBackend:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.pool = WorkerPool(settings, on_exit=self._worker_exited)
-        self.lite_pool = WorkerPool(settings, on_exit=self._worker_exited, engine=LITE)
+        # One template forks the workers of both pools (a Lite worker is runtime.server too, without Paddle).
+        self.template = (
+            WorkerTemplate(worker_env(settings), settings.data_dir / "logs" / "template.log")
+            if settings.worker_start == "fork"
+            else None
+        )
+        self.pool = WorkerPool(settings, on_exit=self._worker_exited, template=self.template)
+        self.lite_pool = WorkerPool(
+            settings, on_exit=self._worker_exited, engine=LITE, template=self.template
+        )
         self._sets: dict[tuple[str, str], ReplicaSet] = {}
         self._replica_quota: Callable[[str], int] | None = None  # tenant -> max_replicas
         self._weight_of: Callable[[str], int] | None = None  # tenant -> plan weight (fair shares of slots)
@@ -161,6 +171,7 @@ class LocalBackend:
     async def start(self) -> None:
         self.pool.refill()
         self._spawn_task(self._reap_fallbacks(), "reap-lite-fallbacks")
+        self._spawn_task(self.pool.watch_memory(), "watch-worker-memory")
 
     async def _reap_fallbacks(self) -> None:
         """A Lite replica that stood in for a busy primary (fallback=capacity) goes once it has been idle for the
@@ -186,6 +197,9 @@ class LocalBackend:
         for rs in self._sets.values():
             rs.fail_waiters(Unavailable("the platform is shutting down", retry_after=5))
         await asyncio.gather(self.pool.close(), self.lite_pool.close())
+        if self.template is not None:
+            await self.template.close()
+            self.template.close_lifeline()
 
     def on_wake(self, listener: WakeListener) -> None:
         self._listeners.append(listener)
@@ -204,6 +218,14 @@ class LocalBackend:
         return {"total": self.pool.capacity, "in_use": self.pool.used, "idle_warm": len(self.pool.idle),
                 "lite_total": self.lite_pool.capacity, "lite_in_use": self.lite_pool.used,
                 "lite_idle_warm": len(self.lite_pool.idle)}  # fmt: skip
+
+    def memory(self) -> dict[str, Any]:
+        """The memory budget of warm workers and what they are measured to take (MiB; PSS)."""
+        m = self.pool.memory
+        return {"budget_mb": m.budget_mb, "used_mb": round(m.used_mb, 1), "per_worker_mb": round(m.worker_mb, 1),
+                "template_mb": round(m.template_mb, 1), "worker_start": self.settings.worker_start,
+                "template_pid": self.template.pid if self.template is not None and self.template.alive else None,
+                "limited_by": "max_workers" if self.settings.max_workers else "memory"}  # fmt: skip
 
     def _pool(self, engine: str) -> WorkerPool:
         return self.lite_pool if engine == LITE else self.pool

@@ -3,6 +3,11 @@
 A worker is started with Paddle imported and its device up, then waits unassigned; taking one from the pool and
 loading a model into it is the whole cold start. A worker serves one function for its life and is never reused:
 sleeping ends the process, which is the only way Paddle gives back (GPU) memory.
+
+Workers are forked from the worker template (``functions/backends/template.py``, ``runtime/zygote.py``) in a few
+milliseconds and share its pages; ``worker_start="spawn"`` (or a template that cannot start) starts each as its
+own Python process instead. How many may be warm at once is a memory budget divided by the measured PSS of a
+worker (``functions/backends/memory.py``), unless ``max_workers`` says a number.
 """
 
 from __future__ import annotations
@@ -23,11 +28,20 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import httpx
 
+from functions.backends.memory import (
+    INITIAL_WORKER_MB,
+    MemoryState,
+    default_budget_mb,
+    machine_memory_mb,
+    pss_mb,
+    warm_capacity,
+)
+from functions.backends.template import TemplateUnavailable, WorkerTemplate
 from functions.settings import Settings
 
 log = logging.getLogger("paddlefn.pool")
@@ -89,13 +103,31 @@ def worker_env(settings: Settings) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
             "GLOG_minloglevel": "2",
             "OMP_NUM_THREADS": str(settings.cpu_threads),
+            # numpy's BLAS would start a thread pool at import; the template must have one thread to fork
+            # safely (runtime/zygote.py), and numpy only decodes and encodes tensors here.
+            "OPENBLAS_NUM_THREADS": "1",
         }
     )
     return env
 
 
+class Process(Protocol):
+    """A worker's process: spawned (``asyncio.subprocess.Process``) or forked (``template.ForkedProcess``)."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
 class WorkerProcess:
-    def __init__(self, wid: int, process: asyncio.subprocess.Process, uds: Path, log_path: Path) -> None:
+    def __init__(self, wid: int, process: Process, uds: Path, log_path: Path) -> None:
         self.id = wid
         self.process = process
         self.uds = uds
@@ -113,6 +145,7 @@ class WorkerProcess:
             connector=aiohttp.UnixConnector(path=str(uds), limit=0), auto_decompress=False
         )
         self.stopping = False
+        self.loaded = False  # serves a model (its PSS then says what a warm function costs)
         self.after_load: Callable[[], None] | None = None  # set by the pool: refill once this one is busy
 
     def _loaded(self) -> None:
@@ -142,6 +175,7 @@ class WorkerProcess:
         if response.status_code != 200:
             raise WorkerStartError(_error_text(response))
         result: dict[str, Any] = response.json()
+        self.loaded = True
         return result
 
     async def post(
@@ -229,15 +263,21 @@ class WorkerPool:
     """
 
     def __init__(
-        self, settings: Settings, on_exit: Callable[[WorkerProcess], None], *, engine: str = "paddle"
+        self,
+        settings: Settings,
+        on_exit: Callable[[WorkerProcess], None],
+        *,
+        engine: str = "paddle",
+        template: WorkerTemplate | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
+        self.template = template
+        budget = settings.memory_budget_mb or default_budget_mb(machine_memory_mb())
+        self.memory = MemoryState(budget_mb=budget, template_mb=0.0, worker_mb=INITIAL_WORKER_MB, used_mb=0.0)
         if engine == "lite":
-            self.capacity = settings.lite_worker_limit
             self.size = 0
         else:
-            self.capacity = settings.worker_limit
             self.size = min(settings.pool_size, self.capacity)
         self._on_exit = on_exit
         self._ids = itertools.count(1)
@@ -254,6 +294,36 @@ class WorkerPool:
         self._run_dir = Path(tempfile.mkdtemp(prefix="pfn-"))
         self._log_dir = settings.data_dir / "logs"
         self._log_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def capacity(self) -> int:
+        """Most workers at once: ``max_workers`` (``lite_workers``) when set, else what the memory budget holds
+        at the measured cost of a worker (it changes as workers are measured: read it each time)."""
+        if self.engine == "lite":
+            return self.settings.lite_worker_limit
+        return self.settings.max_workers or warm_capacity(self.memory)
+
+    def measure(self) -> MemoryState:
+        """Measure the PSS of the template and of live workers (blocking: /proc reads; run it in a thread).
+        The cost of a worker is the mean over those serving a model (a pooled one has not loaded its model's
+        weights yet); up to SAMPLE of them are read, not all, so that a thousand workers cost little to watch."""
+        sample = 64
+        live = [w for w in self.live if w.alive]
+        loaded = [w for w in live if w.loaded]
+        measured = [m for w in (loaded or live)[:sample] if (m := pss_mb(w.pid)) is not None]
+        template_pid = self.template.pid if self.template is not None and self.template.alive else None
+        template_mb = (pss_mb(template_pid) or 0.0) if template_pid is not None else 0.0
+        worker_mb = sum(measured) / len(measured) if measured else self.memory.worker_mb
+        self.memory = MemoryState(
+            self.memory.budget_mb, template_mb, worker_mb, template_mb + worker_mb * len(live)
+        )
+        return self.memory
+
+    async def watch_memory(self, every_s: float = 5.0) -> None:
+        """Keep ``memory`` (and so ``capacity``) current."""
+        while True:
+            await asyncio.to_thread(self.measure)
+            await asyncio.sleep(every_s)
 
     @property
     def used(self) -> int:
@@ -327,26 +397,28 @@ class WorkerPool:
         prefix = "lite-worker" if self.engine == "lite" else "worker"
         log_path = self._log_dir / f"{prefix}-{wid}.log"
         read_fd, write_fd = os.pipe()
-        args = [
-            sys.executable, "-m", "runtime.server",
+        argv = [
             "--uds", str(uds),
-            "--ready-fd", str(write_fd),
-            "--parent-pid", str(os.getpid()),
             "--device", "cpu" if self.engine == "lite" else self.settings.device,
             "--engine", self.engine,
         ]  # fmt: skip
         if self.settings.worker_memory_mb:
-            args += ["--max-memory-mb", str(self.settings.worker_memory_mb)]
+            argv += ["--max-memory-mb", str(self.settings.worker_memory_mb)]
+        process: Process | None = None
         with log_path.open("ab") as log_file:
             try:
-                process = await asyncio.create_subprocess_exec(
-                    *args,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=asyncio.subprocess.STDOUT,
-                    pass_fds=(write_fd,),
-                    env=worker_env(self.settings),
-                )
+                if self.template is not None:
+                    try:
+                        process = await self.template.fork(argv, write_fd, log_file.fileno())
+                    except TemplateUnavailable as exc:
+                        log.warning("%s; spawning worker %d instead", exc, wid)
+                if process is None:
+                    process = await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "runtime.server", *argv,
+                        "--ready-fd", str(write_fd), "--parent-pid", str(os.getpid()),
+                        stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=asyncio.subprocess.STDOUT,
+                        pass_fds=(write_fd,), env=worker_env(self.settings),
+                    )  # fmt: skip
             finally:
                 os.close(write_fd)
         worker = WorkerProcess(wid, process, uds, log_path)
