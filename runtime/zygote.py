@@ -26,7 +26,9 @@ Why forking this process is safe, item by item:
 
 Control protocol (SOCK_SEQPACKET, one JSON object per message):
 - template -> platform, once: ``{"op": "ready", "pid", "threads", "import_seconds"}``
-- platform -> template: ``{"op": "fork", "id", "argv"}`` + descriptors [ready pipe write end, log file]
+- platform -> template: ``{"op": "fork", "id", "argv"}`` + descriptors [ready pipe write end, log file]: a worker
+  (``runtime.server``); or ``{"op": "fork", "id", "module": "runtime.prepare", "argv"}`` + [stdin, stdout,
+  stderr]: a deploy's preparation, in a session of its own (so that a kill reaches what it starts too)
 - template -> platform: ``{"op": "forked", "id", "pid"}`` + a pidfd of the child (signals can then never reach
   a recycled pid), or ``{"op": "forked", "id", "error"}``
 - template -> platform: ``{"op": "exited", "pid", "code"}`` when it reaps a child (code as Popen.returncode)
@@ -85,16 +87,26 @@ def _import_everything() -> None:
 
     import runtime.engine
     import runtime.lite.engine
+    import runtime.prepare
     import runtime.server
 
     paddle.set_device("cpu")  # a CPU-only call: no device context exists until a child asks for one
     runtime.server._warm_protocol()
 
 
-def _become_worker(
-    control: socket.socket, wake: tuple[int, int], lifeline_fd: int, argv: list[str], fds: list[int]
+MODULES = ("runtime.server", "runtime.prepare")  # what a fork may run; nothing else is imported on request
+
+
+def _become(
+    control: socket.socket,
+    wake: tuple[int, int],
+    lifeline_fd: int,
+    module: str,
+    argv: list[str],
+    fds: list[int],
 ) -> None:
-    """In the child: drop what belongs to the template, then run as ``runtime.server`` would. Never returns."""
+    """In the child: drop what belongs to the template, then run MODULE as its own process would. Never
+    returns."""
     code = 1
     try:
         signal.set_wakeup_fd(-1)
@@ -102,6 +114,17 @@ def _become_worker(
         control.close()
         for fd in wake:
             os.close(fd)
+        _name_process(b"pfn-prepare" if module == "runtime.prepare" else b"pfn-worker")
+        if module == "runtime.prepare":
+            os.setsid()  # its own process group: a timeout kills the Lite converter it starts as well
+            for target, fd in enumerate(fds):
+                os.dup2(fd, target)
+                os.close(fd)
+            os.close(lifeline_fd)  # a preparation ends with its deploy's timeout, not with a lifeline
+            import runtime.prepare
+
+            code = runtime.prepare.main(argv)
+            return
         ready_fd, log_fd = fds
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
@@ -122,6 +145,15 @@ def _become_worker(
         os._exit(code)
 
 
+def _name_process(name: bytes) -> None:
+    """What ``ps -o comm`` and ``/proc/<pid>/comm`` show: a fork keeps the template's command line."""
+    import ctypes
+
+    pr_set_name = 15
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_name, ctypes.c_char_p(name[:15]), 0, 0, 0)
+
+
 def _fork(
     control: socket.socket,
     wake: tuple[int, int],
@@ -131,8 +163,14 @@ def _fork(
 ) -> None:
     request_id = request.get("id")
     argv = request.get("argv")
+    module = request.get("module", "runtime.server")
     try:
-        if len(fds) != 2 or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        if (
+            module not in MODULES
+            or len(fds) != (2 if module == "runtime.server" else 3)
+            or not isinstance(argv, list)
+            or not all(isinstance(a, str) for a in argv)
+        ):
             send(control, {"op": "forked", "id": request_id, "error": "bad fork request"})
             return
         if (threads := _threads()) != 1:
@@ -143,7 +181,7 @@ def _fork(
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _become_worker(control, wake, lifeline_fd, argv, fds)
+            _become(control, wake, lifeline_fd, str(module), argv, fds)
         pidfd = os.pidfd_open(pid)  # before any reaping: the pid cannot have been recycled yet
         try:
             send(control, {"op": "forked", "id": request_id, "pid": pid}, [pidfd])

@@ -16,6 +16,16 @@ from functions.settings import Settings
 from runtime.spec import Manifest
 
 
+def prepare(backend: LocalBackend, fn: FunctionRecord, on_stage=lambda stage: None) -> Manifest:  # type: ignore[no-untyped-def]
+    async def run() -> Manifest:
+        try:
+            return await backend.prepare(fn, device="cpu", batching=False, on_stage=on_stage)
+        finally:
+            await backend.close()  # the worker template it forked the preparation from goes too
+
+    return asyncio.run(run())
+
+
 def uploaded(data_dir: Path, model: Path) -> FunctionRecord:
     artifact_dir = data_dir / "tenants" / "acme" / "functions" / "classify" / "v1"
     shutil.copytree(model, artifact_dir / "model")
@@ -31,7 +41,7 @@ def test_the_local_backend_prepares_the_uploaded_model_into_its_serving_folder(
     fn = uploaded(tmp_path, models["mlp"])
     stages: list[str] = []
     backend = LocalBackend(Settings(data_dir=tmp_path))
-    manifest = asyncio.run(backend.prepare(fn, device="cpu", batching=False, on_stage=stages.append))
+    manifest = prepare(backend, fn, stages.append)
     assert manifest == Manifest.load(fn.serving_dir)
     assert stages[:3] == ["loading", "optimising", "golden check"]
 
@@ -43,4 +53,4 @@ def test_a_model_the_local_backend_cannot_prepare_fails_with_the_reason(
     (fn.artifact_dir / "model" / "model.pdmodel").write_bytes(b"this is not a Paddle program")
     backend = LocalBackend(Settings(data_dir=tmp_path))
     with pytest.raises(DeployFailed, match=r"model\.pdmodel is not a Paddle program"):
-        asyncio.run(backend.prepare(fn, device="cpu", batching=False, on_stage=lambda stage: None))
+        prepare(backend, fn)

@@ -287,7 +287,7 @@ class LocalBackend:
             }
         return await prepare_model(
             self.settings, fn.artifact_dir / "model", fn.serving_dir,
-            device=device, batching=batching, on_stage=on_stage, confine=confine,
+            device=device, batching=batching, on_stage=on_stage, confine=confine, template=self.template,
         )  # fmt: skip
 
     def _confining(self) -> bool:

@@ -344,17 +344,21 @@ class WorkerPool:
     def refill(self) -> None:
         """Start workers in the background until ``size`` are warm (or capacity is reached)."""
         while len(self.idle) + self._refilling < self.size and self.used < self.capacity:
+            # Counted as spawning at once, not when the task first runs: otherwise this loop (and any take()
+            # before the task runs) would see the slot free and go past capacity.
             self._refilling += 1
+            self.spawning += 1
             self._track(asyncio.create_task(self._refill_one(), name="pool-refill"))
 
     async def _refill_one(self) -> None:
         try:
-            worker = await self._spawn()
+            worker = await self._start_process()
         except Exception as exc:
             log.error("could not start a pre-warmed worker: %s", exc)
             await asyncio.sleep(1.0)  # do not spin when workers cannot start at all
             return
         finally:
+            self.spawning -= 1
             self._refilling -= 1
         self.idle.append(worker)
         self._signal()  # someone may be waiting for a worker

@@ -109,6 +109,13 @@ class WorkerTemplate:
 
     async def fork(self, argv: list[str], ready_fd: int, log_fd: int) -> ForkedProcess:
         """A new worker running ``runtime.server`` with ARGV (its ``--ready-fd`` is READY_FD)."""
+        return await self._fork({"argv": argv}, [ready_fd, log_fd])
+
+    async def fork_prepare(self, argv: list[str], stdio: tuple[int, int, int]) -> ForkedProcess:
+        """``runtime.prepare`` with ARGV on the descriptors STDIO (stdin, stdout, stderr), in its own session."""
+        return await self._fork({"module": "runtime.prepare", "argv": argv}, list(stdio))
+
+    async def _fork(self, request: dict[str, Any], fds: list[int]) -> ForkedProcess:
         await self._ensure_started()
         control = self._control
         if control is None:
@@ -118,7 +125,7 @@ class WorkerTemplate:
         future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            send(control, {"op": "fork", "id": request_id, "argv": argv}, [ready_fd, log_fd])
+            send(control, {"op": "fork", "id": request_id, **request}, fds)
             pid, pidfd = await asyncio.wait_for(future, 30)
         except (OSError, TimeoutError) as exc:
             raise TemplateUnavailable(f"the worker template did not fork: {exc!r}") from None

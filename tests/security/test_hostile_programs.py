@@ -172,7 +172,7 @@ def test_a_never_ending_program_is_stopped_while_another_tenants_deploy_proceeds
         failed = wait_status(attacker, name, timeout=120)
         assert failed["status"] == "failed"
         assert "stopped" in failed["error"] and "never ends" in failed["error"], failed["error"]
-    assert not _prepare_processes(p.data_dir)
+    assert not _prepare_processes(p)
 
 
 @as_root
@@ -180,24 +180,37 @@ def test_deleting_a_function_stops_its_preparation(platform_factory, tmp_path: P
     p = platform_factory("--pool-size", "1")
     attacker = make_tenant(p, "attacker")
     assert _upload(attacker, "loop", hostile("forever", tmp_path / "forever")).status_code == 202
-    wait_for(lambda: _prepare_processes(p.data_dir), timeout=60, what="the preparation process")
+    wait_for(lambda: _prepare_processes(p), timeout=60, what="the preparation process")
     assert attacker.http.delete("/v1/tenants/attacker/functions/loop").status_code == 204
-    wait_for(lambda: not _prepare_processes(p.data_dir), timeout=20, what="the preparation to stop")
+    wait_for(lambda: not _prepare_processes(p), timeout=20, what="the preparation to stop")
 
 
-def _prepare_processes(data_dir: Path) -> list[int]:
+def _prepare_processes(p) -> list[int]:
+    """The platform's preparation processes: forked from its worker template (named pfn-prepare), or spawned
+    (``python -m runtime.prepare`` with the platform's data dir on the command line)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
+            comm = (entry / "comm").read_text().strip()
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
             continue
-        if b"runtime.prepare" in cmdline and str(data_dir.resolve()).encode() in cmdline:
+        spawned = b"runtime.prepare" in cmdline and str(p.data_dir.resolve()).encode() in cmdline
+        forked = comm == "pfn-prepare" and _parent_of(parent) == p.process.pid
+        if spawned or forked:
             found.append(int(entry.name))
     time.sleep(0)  # a snapshot; the callers poll
     return found
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return 0
 
 
 def test_a_deep_archive_path_is_refused_without_showing_host_paths(platform):
