@@ -28,6 +28,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from functions.billing.journal import Journal, JournalError, read
+from functions.billing.periods import period_of
 from functions.billing.pricing import billed_ms
 from functions.errors import Unavailable
 from functions.store import DeletedTenant, Invoice, Store, Tenant, UsageRecord
@@ -37,10 +38,6 @@ from functions.usage import UsageEvent
 log = logging.getLogger("paddlefn.billing")
 
 GROUPS = ("function", "day", "hour", "device")
-
-
-def period_of(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m")
 
 
 def row_of(event: UsageEvent, source: str = "gateway") -> dict[str, Any]:
