@@ -218,6 +218,23 @@ def test_a_closed_month_never_changes_and_late_records_go_to_the_open_month(stor
     assert november["requests"] == 1  # the late October record
 
 
+def test_a_record_for_a_month_whose_invoice_closed_unread_goes_to_the_open_month(store, tmp_path):
+    async def scenario():
+        ledger, billing = await started(store, tmp_path / "usage", Clock(NOV_2))
+        await ledger.record(event("dated-2001", at=datetime(2001, 5, 1, 12, tzinfo=UTC)))
+        await ledger.record(
+            event("last-month", at=datetime(2026, 10, 31, 23, 59, tzinfo=UTC))
+        )  # grace is over
+        result = [await billing.invoice(ACME, p) for p in ("2001-05", "2026-10", "2026-11")]
+        await ledger.close()
+        return result
+
+    may_2001, october, november = run(scenario())
+    assert (may_2001["status"], may_2001["requests"]) == ("closed", 0)
+    assert (october["status"], october["requests"]) == ("closed", 0)
+    assert (november["status"], november["requests"]) == ("open", 2)
+
+
 def test_a_journal_left_by_a_crash_is_replayed_once_and_a_torn_last_line_is_skipped(store, tmp_path):
     folder = tmp_path / "usage"
 
@@ -274,7 +291,7 @@ def test_invoice_csv_has_exact_decimal_amounts(store, tmp_path):
 
 
 def test_two_tenants_of_the_same_name_are_billed_apart_and_each_month_closes_for_each(store, tmp_path):
-    clock = Clock(NOV_2)
+    clock = Clock(datetime(2026, 10, 27, tzinfo=UTC))
     later_acme = Account(2, "acme", "default")  # acme deleted, then created again: another id
 
     async def scenario():
@@ -282,6 +299,8 @@ def test_two_tenants_of_the_same_name_are_billed_apart_and_each_month_closes_for
         await ledger.record(event("first", at=datetime(2026, 10, 5, tzinfo=UTC)))
         await ledger.record(event("second-1", at=datetime(2026, 10, 25, tzinfo=UTC), tenant=later_acme))
         await ledger.record(event("second-2", at=datetime(2026, 10, 26, tzinfo=UTC), tenant=later_acme))
+        await ledger.flush()
+        clock.now = NOV_2
         return await billing.invoice(ACME, "2026-10"), await billing.invoice(later_acme, "2026-10"), ledger
 
     first, second, ledger = run(scenario())

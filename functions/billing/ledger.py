@@ -8,9 +8,11 @@ after a failed commit) never counts a request twice. Queries flush first, so the
 Records belong to a tenant by id (``tenant_id``), not by name: a tenant created under a deleted one's name has a
 new id, so it starts with no usage and no invoices, while the deleted one's stay readable under its own id.
 
-Periods: a record belongs to the invoice month of its start time, unless that month's invoice is already closed
-(a late edge upload, a record replayed after the close): then it goes to the month in which it arrived, since a
-closed invoice never changes.
+Periods: a record belongs to the invoice month of its start time, unless that month's invoice has closed (its
+month ended more than ``grace`` ago, whether or not anyone has read the invoice yet, or it was frozen): then it
+goes to the open month, the one in which it arrived, since a closed invoice never changes. A late edge upload, a
+record replayed after the close, or one an edge dated 2001 is billed now, and no invoice of a long-closed month
+is frozen with it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from functions.billing.journal import Journal, JournalError, read
-from functions.billing.periods import period_of
+from functions.billing.periods import is_over, period_of
 from functions.billing.pricing import billed_ms
 from functions.errors import Unavailable
 from functions.store import DeletedTenant, Invoice, Store, Tenant, UsageRecord
@@ -83,6 +85,7 @@ class Ledger:
         on_billed: Callable[[dict[str, Any]], None] | None = None,
         clock: Callable[[], datetime] = utcnow,
         flush_interval_s: float = 0.1,
+        grace: timedelta = timedelta(hours=1),
     ) -> None:
         self.store = store
         self.folder = folder
@@ -91,6 +94,7 @@ class Ledger:
         )
         self.clock = clock
         self.flush_interval_s = flush_interval_s
+        self.grace = grace  # how long after its month ends an invoice closes (PADDLEFN_INVOICE_GRACE_S)
         self._journal: Journal | None = None
         self._buffer: list[dict[str, Any]] = []
         self._unflushed: list[tuple[Path, list[dict[str, Any]]]] = []  # batches whose commit is still owed
@@ -127,7 +131,11 @@ class Ledger:
     # ---------------------------------------------------------------- the request path
 
     async def record(self, event: UsageEvent) -> None:
-        self.record_row(row_of(event))
+        # The period is decided on arrival: a record answered within the grace hour belongs to the month it
+        # started in even if its batch commits after the invoice closed (that invoice was read after a flush).
+        self.record_row(
+            {**row_of(event), "period": self._period(event.tenant_id, event.started_at, self.clock())}
+        )
 
     def record_row(self, row: dict[str, Any]) -> None:
         if self._journal is None:
@@ -171,7 +179,7 @@ class Ledger:
     def _insert(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        now_period = period_of(self.clock())
+        now = self.clock()
         with self.store.session() as s:
             values = []
             for raw in rows:
@@ -179,9 +187,10 @@ class Ledger:
                 if row is None:
                     continue
                 started = datetime.fromisoformat(row["started_at"])
-                period = period_of(started)
-                if (row["tenant_id"], period) in self._closed:
-                    period = now_period
+                # Rows journalled before rows carried their period arrived at an unknown time: now, then.
+                period = row.get("period") or self._period(row["tenant_id"], started, now)
+                if (row["tenant_id"], period) in self._closed:  # frozen since the row arrived
+                    period = period_of(now)
                 values.append({**row, "started_at": started, "period": period})
             if values:
                 s.execute(_insert_ignoring_duplicates(self.store.engine), values)
@@ -195,6 +204,13 @@ class Ledger:
             await asyncio.to_thread(self._insert, rows)
             after = await asyncio.to_thread(self._count_ids, ids)
         return after - before
+
+    def _period(self, tenant_id: int, started: datetime, now: datetime) -> str:
+        """The invoice month of a record of TENANT_ID that started at STARTED and arrived at NOW."""
+        period = period_of(started)
+        if (tenant_id, period) in self._closed or is_over(period, self.grace, now):
+            return period_of(now)
+        return period
 
     def _count_ids(self, ids: list[str]) -> int:
         with self.store.session() as s:

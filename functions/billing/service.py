@@ -31,12 +31,10 @@ class Billing:
         ledger: Ledger,
         plans: PlanBook,
         *,
-        grace: timedelta = timedelta(hours=1),
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.ledger = ledger
         self.plans = plans
-        self.grace = grace
         self.clock = clock
 
     async def usage(
@@ -66,7 +64,7 @@ class Billing:
             raise BadRequest(f"{period} has not begun; invoices exist for this month and earlier ones")
         tenant, plan = account.name, account.plan
         prices = self.plans.prices(plan)
-        if self.ledger.is_closed(account.id, period) or now >= closes_at(period, self.grace):
+        if self.ledger.is_closed(account.id, period) or now >= closes_at(period, self.ledger.grace):
             return await self.ledger.close_period(
                 account.id,
                 tenant,
