@@ -11,10 +11,11 @@ and the key is shown once: in the response header, and inside the bundle (the ed
 
 Usage (``runtime.lite.edge`` sends it): ``{"bundle_id": "...", "records": [...]}``, at most 500 records, each
 ``{"request_id": 32 hex, "started_at": ISO 8601, "duration_ms", "compute_ms", "status", "bytes_in", "bytes_out",
-...}``, every value in the range ``functions/edge_records.py`` documents (an upload with one outside is a 400
-naming it). Every record becomes one ledger row of the bundle's tenant and function with device class ``edge`` and
-source ``edge:<bundle id>``, billed iff its status is 2xx; a request id already in the ledger is not counted again
-(the edge retries until it gets a 2xx), and the answer says how many records were new and how many duplicates.
+...}``, every value in the range ``functions/edge_records.py`` documents (an upload with one outside is a 400 naming
+it). Every record becomes one ledger row of the bundle's tenant and function with device class ``edge`` and source
+``edge:<bundle id>``, billed iff its status is 2xx; a request id already in the tenant's ledger is not counted again
+(the edge retries until it gets a 2xx; another tenant's record of the same id is that tenant's), and the answer says
+how many records were new and how many duplicates.
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def authenticate_device(platform: Platform, authorization: str | None) -> tuple[
 
 @router.post("/edge/usage")
 async def upload_usage(request: Request, platform: PlatformDep) -> dict[str, Any]:
-    """Usage records of an edge server, authenticated by its bundle's device key; idempotent by request id."""
+    """Usage records of an edge server, authenticated by its bundle's device key; idempotent by (tenant,
+    request id)."""
     device, tenant = authenticate_device(platform, request.headers.get("authorization"))
     records = edge_records.records_of(await _read_json(request), device.bundle_id, now=utcnow())
     rows = [_row(record, tenant, device) for record in records]

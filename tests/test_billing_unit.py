@@ -170,10 +170,28 @@ def test_the_same_request_id_is_counted_once(store, tmp_path):
     assert invoice["requests"] == 2
 
 
-def ledger_row(request_id: str):
+def ledger_row(request_id: str, tenant: Account = ACME):
     from functions.billing.ledger import row_of
 
-    return row_of(event(request_id), source="edge")
+    return row_of(event(request_id, tenant=tenant), source="edge")
+
+
+def test_a_request_id_is_unique_per_tenant_not_across_tenants(store, tmp_path):
+    globex = Account(2, "globex", "default")
+
+    async def scenario():
+        ledger, billing = await started(store, tmp_path / "usage", Clock(NOV_2))
+        await ledger.record(event("shared"))
+        await ledger.flush()
+        new = [await ledger.add_external([ledger_row("shared", globex)]),
+               await ledger.add_external([ledger_row("shared", globex), ledger_row("shared")])]  # fmt: skip
+        invoices = [await billing.invoice(t, "2026-11") for t in (ACME, globex)]
+        await ledger.close()
+        return new, invoices
+
+    new, (acme_invoice, globex_invoice) = run(scenario())
+    assert new == [1, 0]
+    assert acme_invoice["requests"] == 1 and globex_invoice["requests"] == 1
 
 
 def test_month_boundaries_are_exact_to_the_microsecond(store, tmp_path):

@@ -1,9 +1,11 @@
 """The usage ledger: every request that reached a function, exactly once, durable before its response leaves.
 
-``record`` (on the request path) appends to the journal and returns: one ``write(2)``, no database round trip,
-so it adds microseconds to a request. A background task moves journal batches into ``usage_records`` every
-``flush_interval_s`` with ``INSERT ... ON CONFLICT (request_id) DO NOTHING``: replaying a batch (after a crash,
-after a failed commit) never counts a request twice. Queries flush first, so they see every answered request.
+``record`` (on the request path) appends to the journal and returns: one ``write(2)``, no database round trip, so it
+adds microseconds to a request. A background task moves journal batches into ``usage_records`` every
+``flush_interval_s`` with ``INSERT ... ON CONFLICT (tenant_id, request_id) DO NOTHING``: replaying a batch (after a
+crash, after a failed commit) never counts a request twice. A request id is unique within its tenant only: an edge
+device picks its own, so another tenant's use of the same id must neither suppress nor be suppressed. Queries flush
+first, so they see every answered request.
 
 Records belong to a tenant by id (``tenant_id``), not by name: a tenant created under a deleted one's name has a
 new id, so it starts with no usage and no invoices, while the deleted one's stay readable under its own id.
@@ -176,9 +178,11 @@ class Ledger:
             self._unflushed.pop(0)
             path.unlink(missing_ok=True)
 
-    def _insert(self, rows: list[dict[str, Any]]) -> None:
+    def _insert(self, rows: list[dict[str, Any]]) -> int:
+        """Commit ROWS, skipping those already in the ledger; returns how many were new (the database says, by
+        RETURNING the rows it inserted: no count before and after that a concurrent insert could upset)."""
         if not rows:
-            return
+            return 0
         now = self.clock()
         with self.store.session() as s:
             values = []
@@ -192,18 +196,16 @@ class Ledger:
                 if (row["tenant_id"], period) in self._closed:  # frozen since the row arrived
                     period = period_of(now)
                 values.append({**row, "started_at": started, "period": period})
-            if values:
-                s.execute(_insert_ignoring_duplicates(self.store.engine), values)
+            if not values:
+                return 0
+            inserted = s.execute(_insert_ignoring_duplicates(self.store.engine), values)
+            return len(inserted.all())
 
     async def add_external(self, rows: list[dict[str, Any]]) -> int:
-        """Records made elsewhere (edge devices): committed before returning; duplicates ignored. Returns how
-        many were new."""
+        """Records made elsewhere (edge devices): committed before returning; duplicates (the same tenant and
+        request id, already in the ledger or twice in ROWS) ignored. Returns how many were new."""
         async with self._lock:
-            ids = [r["request_id"] for r in rows]
-            before = await asyncio.to_thread(self._count_ids, ids)
-            await asyncio.to_thread(self._insert, rows)
-            after = await asyncio.to_thread(self._count_ids, ids)
-        return after - before
+            return await asyncio.to_thread(self._insert, rows)
 
     def _period(self, tenant_id: int, started: datetime, now: datetime) -> str:
         """The invoice month of a record of TENANT_ID that started at STARTED and arrived at NOW."""
@@ -211,10 +213,6 @@ class Ledger:
         if (tenant_id, period) in self._closed or is_over(period, self.grace, now):
             return period_of(now)
         return period
-
-    def _count_ids(self, ids: list[str]) -> int:
-        with self.store.session() as s:
-            return int(s.scalar(select(func.count()).where(UsageRecord.request_id.in_(ids))) or 0)
 
     # ---------------------------------------------------------------- reading
 
@@ -322,12 +320,16 @@ def _group_key(r: Any, group_by: str) -> str:
 
 
 def _insert_ignoring_duplicates(engine: Engine) -> Any:
+    """INSERT ... ON CONFLICT (tenant_id, request_id) DO NOTHING RETURNING request_id: the rows it returns are the
+    new ones (SQLite >= 3.35 and PostgreSQL both return only what they inserted)."""
+    key = ["tenant_id", "request_id"]
+    new = UsageRecord.request_id
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        return pg_insert(UsageRecord).on_conflict_do_nothing(index_elements=["request_id"])
+        return pg_insert(UsageRecord).on_conflict_do_nothing(index_elements=key).returning(new)
     if engine.dialect.name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        return sqlite_insert(UsageRecord).on_conflict_do_nothing(index_elements=["request_id"])
+        return sqlite_insert(UsageRecord).on_conflict_do_nothing(index_elements=key).returning(new)
     raise NotImplementedError(f"the usage ledger supports SQLite and PostgreSQL, not {engine.dialect.name}")

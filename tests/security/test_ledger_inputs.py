@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from functions.auth import hash_secret
@@ -225,3 +226,36 @@ def test_a_request_id_another_tenant_used_is_billed_to_each_tenant_once(platform
     assert acme.upload(shared, shared).json()["duplicates"] == 2
     assert invoice(p, "acme", this_month())["requests"] == 1
     assert invoice(p, "globex", this_month())["requests"] == 1
+
+
+def test_a_database_from_before_upgrades_to_one_key_per_tenant_and_request_id_keeping_its_records(database):
+    from alembic import command
+    from alembic.config import Config
+
+    from functions.store.db import MIGRATIONS
+
+    engine = make_engine(database)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    row = {"request_id": "r1", "tenant_id": 1, "tenant": "acme", "function": "classify", "period": "2026-11",
+           "started_at": datetime(2026, 11, 2), "duration_us": 3000, "compute_us": 2000, "billed_ms": 2,
+           "device": "cpu", "cold_start": False, "status": 200, "billable": True, "bytes_in": 1, "bytes_out": 1,
+           "source": "gateway"}  # fmt: skip
+    insert = sa.text(
+        f"INSERT INTO usage_records ({', '.join(row)}) VALUES ({', '.join(':' + c for c in row)})"
+    )
+    with engine.begin() as c:
+        config.attributes["connection"] = c
+        command.upgrade(config, "0005")
+        c.execute(insert, row)
+        with pytest.raises(sa.exc.IntegrityError), c.begin_nested():
+            c.execute(insert, {**row, "tenant_id": 2})  # before: one request id for all tenants
+        command.upgrade(config, "head")
+        c.execute(insert, {**row, "tenant_id": 2})  # now: each tenant's own
+        with pytest.raises(sa.exc.IntegrityError), c.begin_nested():
+            c.execute(insert, row)  # and still once per tenant
+        kept = c.execute(
+            sa.text("SELECT tenant_id, request_id, billed_ms FROM usage_records ORDER BY 1")
+        ).all()
+    engine.dispose()
+    assert [tuple(r) for r in kept] == [(1, "r1", 2), (2, "r1", 2)]
