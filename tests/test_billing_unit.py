@@ -65,8 +65,16 @@ async def started(store: Store, folder: Path, clock: Clock) -> tuple[Ledger, Bil
 # ---------------------------------------------------------------------------- arithmetic
 
 
-def test_compute_rounds_up_to_whole_milliseconds_per_request():
-    assert [billed_ms(us) for us in (0, 1, 999, 1000, 1001, 2500)] == [0, 1, 1, 1, 2, 3]
+def test_compute_rounds_up_to_whole_milliseconds_per_request_from_the_reported_value():
+    reported = (0.0, 0.001, 0.999, 1.0, 1.001, 2.5, 29.0001, 29.0000001, 29.0, 86_400_000.0)
+    assert [billed_ms(ms) for ms in reported] == [0, 1, 1, 1, 2, 3, 30, 30, 29, 86_400_000]
+
+
+def test_a_ledger_row_bills_the_round_up_of_the_reported_compute_not_of_a_rounded_one():
+    from functions.billing.ledger import row_of
+
+    row = row_of(event("r", compute_ms=29.0001))
+    assert (row["compute_us"], row["billed_ms"]) == (29000, 30)
 
 
 def test_money_rounds_half_up_once_per_line_item():

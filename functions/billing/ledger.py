@@ -46,7 +46,6 @@ GROUPS = ("function", "day", "hour", "device")
 
 def row_of(event: UsageEvent, source: str = "gateway") -> dict[str, Any]:
     """The ledger row of EVENT, in integers (microseconds, milliseconds, bytes)."""
-    compute_us = max(0, round(event.compute_ms * 1000))
     return {
         "request_id": event.request_id,
         "tenant_id": event.tenant_id,
@@ -54,8 +53,10 @@ def row_of(event: UsageEvent, source: str = "gateway") -> dict[str, Any]:
         "function": event.function,
         "started_at": event.started_at.astimezone(UTC).isoformat(),
         "duration_us": max(0, round(event.duration_ms * 1000)),
-        "compute_us": compute_us,
-        "billed_ms": billed_ms(compute_us) if event.billable else 0,
+        "compute_us": max(
+            0, round(event.compute_ms * 1000)
+        ),  # for people; the bill rounds up the value itself
+        "billed_ms": billed_ms(event.compute_ms) if event.billable else 0,
         "device": event.device,
         "cold_start": event.cold_start,
         "status": event.status,
