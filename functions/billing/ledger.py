@@ -7,6 +7,15 @@ crash, after a failed commit) never counts a request twice. A request id is uniq
 device picks its own, so another tenant's use of the same id must neither suppress nor be suppressed. Queries flush
 first, so they see every answered request.
 
+Concurrency: no lock is shared between tenants. The journal's batches are sealed on the event loop (no await
+between taking the buffer and rotating the file) and each batch is committed by one task that every flush needing
+it awaits, so a read of tenant B waits only for batches holding B's records, never for A's edge uploads. Inserts
+need no lock: the database's unique key makes a repeated one a no-op. The one race the database does not settle
+is closing a month, which reads its lines and then writes its invoice in two transactions: an edge upload of the
+same tenant committing in between would land in a month already invoiced, and never be billed. A lock per tenant
+covers exactly that (close_period and add_external of that tenant); making the database do it would take a
+serializable transaction on PostgreSQL and a write lock held across a read on SQLite.
+
 Records belong to a tenant by id (``tenant_id``), not by name: a tenant created under a deleted one's name has a
 new id, so it starts with no usage and no invoices, while the deleted one's stay readable under its own id.
 
@@ -22,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -67,6 +77,18 @@ def row_of(event: UsageEvent, source: str = "gateway") -> dict[str, Any]:
     }
 
 
+@dataclass(eq=False)
+class _Batch:
+    """Rows sealed into one journal file and committed together; the file is deleted once they are."""
+
+    path: Path
+    rows: list[dict[str, Any]]
+    tenants: frozenset[int]
+    commit: asyncio.Task[int] | None = (
+        None  # in flight or done; None before the first try and after a failure
+    )
+
+
 @dataclass
 class Line:
     """Billable usage of one function on one device class in one period."""
@@ -100,8 +122,8 @@ class Ledger:
         self.grace = grace  # how long after its month ends an invoice closes (PADDLEFN_INVOICE_GRACE_S)
         self._journal: Journal | None = None
         self._buffer: list[dict[str, Any]] = []
-        self._unflushed: list[tuple[Path, list[dict[str, Any]]]] = []  # batches whose commit is still owed
-        self._lock = asyncio.Lock()
+        self._batches: list[_Batch] = []  # sealed, not yet committed
+        self._tenant_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)  # see the docstring
         self._closed: set[tuple[int, str]] = set()  # (tenant id, period) of frozen invoices
         self._task: asyncio.Task[None] | None = None
 
@@ -128,7 +150,7 @@ class Ledger:
         await self.flush()
         if self._journal is not None:
             self._journal.close()
-            if not self._unflushed:  # everything is in the database: the empty current file can go
+            if not self._batches:  # everything is in the database: the empty current file can go
                 self._journal.path.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- the request path
@@ -164,20 +186,31 @@ class Ledger:
             except Exception:  # the database may be briefly away; the journal keeps the records meanwhile
                 log.exception("usage flush failed; will retry")
 
-    async def flush(self) -> None:
-        """Commit everything recorded so far; returns once it is in the database."""
-        async with self._lock:
-            await self._flush_locked()
-
-    async def _flush_locked(self) -> None:
-        if self._buffer and self._journal is not None:
-            self._unflushed.append((self._journal.rotate(), self._buffer))
+    async def flush(self, tenant_id: int | None = None) -> None:
+        """Commit what was recorded so far, of TENANT_ID only or of every tenant; returns once it is in the
+        database (or raises, the records staying in the journal for the next try)."""
+        if (
+            self._buffer and self._journal is not None
+        ):  # no await from here to the append: nothing slips between
+            tenants = frozenset(r["tenant_id"] for r in self._buffer)
+            self._batches.append(_Batch(self._journal.rotate(), self._buffer, tenants))
             self._buffer = []
-        while self._unflushed:
-            path, rows = self._unflushed[0]
-            await asyncio.to_thread(self._insert, rows)
-            self._unflushed.pop(0)
-            path.unlink(missing_ok=True)
+        for batch in [b for b in self._batches if tenant_id is None or tenant_id in b.tenants]:
+            if batch.commit is None:
+                batch.commit = asyncio.create_task(self._commit(batch), name="ledger-commit")
+                batch.commit.add_done_callback(_retrieved)
+            # Shielded: a reader that gives up (its client went away) must not cancel a commit others await.
+            await asyncio.shield(batch.commit)
+
+    async def _commit(self, batch: _Batch) -> int:
+        try:
+            new = await asyncio.to_thread(self._insert, batch.rows)
+        except BaseException:
+            batch.commit = None  # the next flush tries again
+            raise
+        self._batches.remove(batch)
+        batch.path.unlink(missing_ok=True)
+        return new
 
     def _insert(self, rows: list[dict[str, Any]]) -> int:
         """Commit ROWS, skipping those already in the ledger; returns how many were new (the database says, by
@@ -205,7 +238,9 @@ class Ledger:
     async def add_external(self, rows: list[dict[str, Any]]) -> int:
         """Records made elsewhere (edge devices): committed before returning; duplicates (the same tenant and
         request id, already in the ledger or twice in ROWS) ignored. Returns how many were new."""
-        async with self._lock:
+        async with contextlib.AsyncExitStack() as locks:
+            for tenant_id in sorted({r["tenant_id"] for r in rows}):  # in order: two uploads never deadlock
+                await locks.enter_async_context(self._tenant_locks[tenant_id])
             return await asyncio.to_thread(self._insert, rows)
 
     def _period(self, tenant_id: int, started: datetime, now: datetime) -> str:
@@ -223,7 +258,7 @@ class Ledger:
         """Usage of tenant TENANT_ID in [START, END), grouped by function, device, day or hour (UTC)."""
         if group_by not in GROUPS:
             raise ValueError(f"group_by must be one of {', '.join(GROUPS)}")
-        await self.flush()
+        await self.flush(tenant_id)
         return await asyncio.to_thread(self._usage, tenant_id, start, end, group_by)
 
     def _usage(self, tenant_id: int, start: datetime, end: datetime, group_by: str) -> list[dict[str, Any]]:
@@ -256,7 +291,7 @@ class Ledger:
         return rows
 
     async def lines(self, tenant_id: int, period: str) -> list[Line]:
-        await self.flush()
+        await self.flush(tenant_id)
         return await asyncio.to_thread(self._lines, tenant_id, period)
 
     def _lines(self, tenant_id: int, period: str) -> list[Line]:
@@ -279,8 +314,10 @@ class Ledger:
         """Freeze the invoice of tenant TENANT_ID (named TENANT) for PERIOD, built by BUILD from its lines; from
         now on its records for PERIOD go to later months. Returns the frozen document (the earlier one if the
         period was already closed)."""
-        async with self._lock:
-            await self._flush_locked()  # under the lock: nothing lands in PERIOD between reading and freezing
+        async with self._tenant_locks[
+            tenant_id
+        ]:  # no upload of this tenant lands between reading and freezing
+            await self.flush(tenant_id)
             with self.store.session() as s:
                 existing = s.get(Invoice, (tenant_id, period))
                 if existing is not None:
@@ -292,6 +329,13 @@ class Ledger:
                               closed_at=self.clock()))  # fmt: skip
             self._closed.add((tenant_id, period))
             return document
+
+
+def _retrieved(task: asyncio.Task[int]) -> None:
+    """Mark a commit's failure as seen: whoever awaited it got it (and the flush loop logs it), so asyncio need not
+    warn that it was never retrieved when every awaiter had gone."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _with_tenant_id(s: Session, row: dict[str, Any]) -> dict[str, Any] | None:

@@ -8,8 +8,10 @@ so that these tests need no Paddle Lite build: what they exercise is the upload,
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +24,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from functions.auth import hash_secret
-from functions.store import EdgeDevice
+from functions.billing.ledger import Ledger, row_of
+from functions.billing.periods import period_of
+from functions.store import EdgeDevice, Store
 from functions.store.db import make_engine
+from functions.usage import UsageEvent
 from tests.conftest import PlatformProcess, free_port, make_tenant, platform_env
 from tests.test_postgres import postgres_url  # noqa: F401  (a fixture: the database parameter asks for it)
 
@@ -259,3 +264,83 @@ def test_a_database_from_before_upgrades_to_one_key_per_tenant_and_request_id_ke
         ).all()
     engine.dispose()
     assert [tuple(r) for r in kept] == [(1, "r1", 2), (2, "r1", 2)]
+
+
+# ---------------------------------------------------------------------------- one tenant's writes, another's reads
+
+
+def ledger_event(request_id: str, tenant_id: int) -> UsageEvent:
+    return UsageEvent(request_id=request_id, tenant_id=tenant_id, tenant=f"t{tenant_id}", function="classify",
+                      started_at=datetime.now(UTC), duration_ms=4.0, compute_ms=2.5, device="cpu",
+                      cold_start=False, status=200, bytes_in=1, bytes_out=1)  # fmt: skip
+
+
+def test_a_read_of_one_tenant_is_not_held_up_by_another_tenants_upload_stuck_committing(tmp_path):
+    """Tenant A's edge upload is stuck in the database (another connection holds SQLite's write lock, as a long
+    commit would); tenant B's usage and invoice are read meanwhile, and A's upload completes once the lock goes.
+    With one lock for the whole ledger, B's read waited for A's upload."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    store = Store(url)
+    a, b = 1, 2
+
+    async def scenario() -> tuple[list[dict], list[object], int]:
+        ledger = Ledger(store, tmp_path / "usage", flush_interval_s=3600)
+        await ledger.start()
+        await ledger.record(ledger_event("b-1", b))
+        await ledger.flush()  # B's record is in: reading it needs no write
+        blocker = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # the write lock, held
+        upload = asyncio.create_task(ledger.add_external([row_of(ledger_event("a-1", a), source="edge:e1")]))
+        await asyncio.sleep(0.2)  # A's upload is now waiting on the database, holding whatever it holds
+        assert not upload.done()
+        period = period_of(datetime.now(UTC))
+        start = datetime.now(UTC) - timedelta(days=1)
+        guard = (
+            20  # s: not a speed limit, only so that a regression fails instead of hanging till SQLite's 30 s
+        )
+        usage = await asyncio.wait_for(
+            ledger.usage(b, start, datetime.now(UTC) + timedelta(1), "function"), guard
+        )
+        lines = await asyncio.wait_for(ledger.lines(b, period), guard)
+        assert not upload.done()  # B read everything while A's write was still stuck
+        blocker.execute("COMMIT")
+        blocker.close()
+        new = await upload
+        await ledger.close()
+        return usage, lines, new
+
+    usage, lines, new = asyncio.run(scenario())
+    store.close()
+    assert [(u["function"], u["requests"]) for u in usage] == [("classify", 1)]
+    assert [(line.function, line.requests) for line in lines] == [("classify", 1)]
+    assert new == 1
+
+
+def test_one_tenants_uploads_and_invoices_do_not_take_another_tenants_lock(tmp_path):
+    """While tenant A's lock is held (as A's upload or month-closing holds it), B uploads and closes a month;
+    A's own upload waits for A's lock, and is then counted once."""
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    a, b = 1, 2
+
+    async def scenario() -> tuple[int, dict, int]:
+        ledger = Ledger(store, tmp_path / "usage", flush_interval_s=3600)
+        await ledger.start()
+        async with ledger._tenant_locks[a]:
+            upload_a = asyncio.create_task(
+                ledger.add_external([row_of(ledger_event("a-1", a), source="edge")])
+            )
+            new_b = await asyncio.wait_for(
+                ledger.add_external([row_of(ledger_event("b-1", b), source="edge")]), 20
+            )
+            closed_b = await asyncio.wait_for(
+                ledger.close_period(b, "t2", "2001-05", lambda lines: {"n": 0}), 20
+            )
+            await asyncio.sleep(0.1)
+            assert not upload_a.done()  # A's lock is A's: its own upload waits for it
+        new_a = await upload_a
+        await ledger.close()
+        return new_b, closed_b, new_a
+
+    new_b, closed_b, new_a = asyncio.run(scenario())
+    store.close()
+    assert (new_b, closed_b, new_a) == (1, {"n": 0}, 1)
