@@ -6,6 +6,7 @@ after that; the ledger files a record that arrives later for it in the open mont
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -32,6 +33,9 @@ def parse_period(text: str) -> tuple[datetime, datetime]:
     return start, end
 
 
+@functools.lru_cache(
+    maxsize=1024
+)  # pure, asked on every record (Ledger.record); bounded: clients name periods
 def closes_at(period: str, grace: timedelta) -> datetime:
     return parse_period(period)[1] + grace
 
