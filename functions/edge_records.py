@@ -104,7 +104,10 @@ def parse(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the body is not JSON: {exc}") from None
+        raise BadRequest(
+            f"the body is not JSON as this platform reads it (numbers within a double's range, nesting at most "
+            f"1024 deep): {exc}"
+        ) from None
 
 
 def records_of(body: Any, bundle_id: str, now: datetime) -> list[EdgeRecord]:
