@@ -83,9 +83,8 @@ class EdgeRecord(BaseModel):
                 "cannot compute for longer than it took"
             )
         now: datetime = (info.context or {})["now"]
-        latest = (
-            now + MAX_AHEAD - timedelta(milliseconds=self.duration_ms)
-        )  # no overflow: now is not year 9999
+        # now + MAX_AHEAD cannot overflow, where started_at + duration_ms could (a start in 9999-12-31).
+        latest = now + MAX_AHEAD - timedelta(milliseconds=self.duration_ms)
         if self.started_at > latest:
             raise ValueError(
                 f"started_at ({self.started_at.isoformat()}) plus duration_ms ends more than "

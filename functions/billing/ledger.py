@@ -63,9 +63,8 @@ def row_of(event: UsageEvent, source: str = "gateway") -> dict[str, Any]:
         "function": event.function,
         "started_at": event.started_at.astimezone(UTC).isoformat(),
         "duration_us": max(0, round(event.duration_ms * 1000)),
-        "compute_us": max(
-            0, round(event.compute_ms * 1000)
-        ),  # for people; the bill rounds up the value itself
+        # compute_us is for people; the bill rounds up the reported value itself (pricing.billed_ms).
+        "compute_us": max(0, round(event.compute_ms * 1000)),
         "billed_ms": billed_ms(event.compute_ms) if event.billable else 0,
         "device": event.device,
         "cold_start": event.cold_start,
@@ -84,9 +83,9 @@ class _Batch:
     path: Path
     rows: list[dict[str, Any]]
     tenants: frozenset[int]
-    commit: asyncio.Task[int] | None = (
-        None  # in flight or done; None before the first try and after a failure
-    )
+    # The commit in flight (or done), which every flush needing this batch awaits; None before the first try
+    # and after a failed one.
+    commit: asyncio.Task[int] | None = None
 
 
 @dataclass
@@ -189,9 +188,8 @@ class Ledger:
     async def flush(self, tenant_id: int | None = None) -> None:
         """Commit what was recorded so far, of TENANT_ID only or of every tenant; returns once it is in the
         database (or raises, the records staying in the journal for the next try)."""
-        if (
-            self._buffer and self._journal is not None
-        ):  # no await from here to the append: nothing slips between
+        # No await between taking the buffer and sealing it: no record can land in neither.
+        if self._buffer and self._journal is not None:
             tenants = frozenset(r["tenant_id"] for r in self._buffer)
             self._batches.append(_Batch(self._journal.rotate(), self._buffer, tenants))
             self._buffer = []

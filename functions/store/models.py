@@ -125,12 +125,8 @@ class UsageRecord(Base):
     period: Mapped[str] = mapped_column(String(7))  # "YYYY-MM" of the invoice it belongs to
     started_at: Mapped[datetime] = mapped_column()
     duration_us: Mapped[int] = mapped_column(BigInteger)
-    compute_us: Mapped[int] = mapped_column(
-        BigInteger
-    )  # as the worker reported it, to the nearest microsecond
-    billed_ms: Mapped[int] = mapped_column(
-        BigInteger
-    )  # reported compute rounded up to whole ms; 0 if not billable
+    compute_us: Mapped[int] = mapped_column(BigInteger)  # as reported, to the nearest microsecond
+    billed_ms: Mapped[int] = mapped_column(BigInteger)  # reported compute rounded up to ms; 0 if not billed
     device: Mapped[str] = mapped_column(String(8))  # gpu | cpu | lite | edge
     cold_start: Mapped[bool] = mapped_column(Boolean)
     status: Mapped[int] = mapped_column(Integer)
