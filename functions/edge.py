@@ -11,9 +11,11 @@ and the key is shown once: in the response header, and inside the bundle (the ed
 
 Usage (``runtime.lite.edge`` sends it): ``{"bundle_id": "...", "records": [...]}``, at most 500 records, each
 ``{"request_id": 32 hex, "started_at": ISO 8601, "duration_ms", "compute_ms", "status", "bytes_in", "bytes_out",
-...}``. Every record becomes one ledger row of the bundle's tenant and function with device class ``edge`` and
-source ``edge:<bundle id>``, billed iff its status is 2xx; a request id already in the ledger is not counted again
-(the edge retries until it gets a 2xx), and the answer says how many records were new and how many duplicates.
+...}``, every value in the range ``functions/edge_records.py`` documents (an upload with one outside is a 400 naming
+it). Every record becomes one ledger row of the bundle's tenant and function with device class ``edge`` and source
+``edge:<bundle id>``, billed iff its status is 2xx; a request id already in the tenant's ledger is not counted again
+(the edge retries until it gets a 2xx; another tenant's record of the same id is that tenant's), and the answer says
+how many records were new and how many duplicates.
 """
 
 from __future__ import annotations
@@ -21,22 +23,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import re
 import secrets
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
 from starlette.background import BackgroundTask
 from starlette.responses import FileResponse
 
+from functions import edge_records
 from functions.api import PlatformDep, PrincipalDep
 from functions.auth import MANAGE, hash_secret
 from functions.billing.ledger import row_of
+from functions.edge_records import MAX_BODY_BYTES, MAX_RECORDS, EdgeRecord
 from functions.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthorized
 from functions.platform import Platform
 from functions.registry import READY
@@ -46,8 +48,6 @@ from functions.usage import UsageEvent
 
 router = APIRouter(prefix="/v1")
 
-MAX_RECORDS = 500  # runtime.lite.edge.UPLOAD_BATCH
-MAX_BODY_BYTES = 4 * 1024 * 1024  # 500 records are ~200 KB
 KEY_HEADER = "x-paddlefn-device-key"
 BUNDLE_HEADER = "x-paddlefn-bundle-id"
 _KEY = re.compile(r"^pfe_(e[0-9a-f]{10})_([A-Za-z0-9_-]{20,})$")
@@ -57,24 +57,6 @@ class BundleIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     target: Literal["x86", "arm"] = Field("x86", description="CPU of the edge device")
-
-
-class EdgeRecord(BaseModel):
-    """One request an edge server answered (fields it sends that are not listed here are ignored)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    request_id: str = Field(pattern=r"^[0-9a-f]{32}$", description="32 lowercase hex characters, unique")
-    started_at: datetime
-    duration_ms: float = Field(ge=0, le=86_400_000)
-    compute_ms: float = Field(ge=0, le=86_400_000)
-    status: int = Field(ge=100, le=599)
-    bytes_in: int = Field(0, ge=0)
-    bytes_out: int = Field(0, ge=0)
-    bundle_id: str | None = None
-
-
-_RECORDS = TypeAdapter(list[EdgeRecord])
 
 
 @router.post("/tenants/{tenant}/functions/{name}/edge-bundles", status_code=201, response_class=Response)
@@ -194,29 +176,10 @@ def authenticate_device(platform: Platform, authorization: str | None) -> tuple[
 
 @router.post("/edge/usage")
 async def upload_usage(request: Request, platform: PlatformDep) -> dict[str, Any]:
-    """Usage records of an edge server, authenticated by its bundle's device key; idempotent by request id."""
+    """Usage records of an edge server, authenticated by its bundle's device key; idempotent by (tenant,
+    request id)."""
     device, tenant = authenticate_device(platform, request.headers.get("authorization"))
-    body = await _read_json(request)
-    if not isinstance(body, dict):
-        raise BadRequest('the body must be a JSON object {"bundle_id": "...", "records": [...]}')
-    if body.get("bundle_id") != device.bundle_id:
-        raise BadRequest(
-            f"bundle_id: {body.get('bundle_id')!r} is not the bundle of this device key ({device.bundle_id})"
-        )
-    raw = body.get("records")
-    if not isinstance(raw, list):
-        raise BadRequest("records: must be a list of usage records")
-    if len(raw) > MAX_RECORDS:
-        raise PayloadTooLarge(
-            f"records: {len(raw)} records in one upload; send at most {MAX_RECORDS} at a time"
-        )
-    try:
-        records = _RECORDS.validate_python(raw)
-    except ValidationError as exc:
-        raise BadRequest("; ".join(_problem(e) for e in exc.errors()[:5])) from None
-    for i, record in enumerate(records):
-        if record.bundle_id is not None and record.bundle_id != device.bundle_id:
-            raise BadRequest(f"records[{i}].bundle_id: {record.bundle_id!r} is not {device.bundle_id!r}")
+    records = edge_records.records_of(await _read_json(request), device.bundle_id, now=utcnow())
     rows = [_row(record, tenant, device) for record in records]
     new = await platform.ledger.add_external(rows) if rows else 0
     with platform.store.session() as s:
@@ -235,25 +198,16 @@ async def _read_json(request: Request) -> Any:
                 f"the upload is over {MAX_BODY_BYTES} bytes; send at most {MAX_RECORDS} records"
             )
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not JSON: {exc}") from None
-
-
-def _problem(error: Any) -> str:
-    where = "records" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
-    return f"{where}: {error['msg']}"
+    return edge_records.parse(b"".join(chunks))
 
 
 def _row(record: EdgeRecord, tenant: str, device: EdgeDevice) -> dict[str, Any]:
-    started = record.started_at if record.started_at.tzinfo else record.started_at.replace(tzinfo=UTC)
     event = UsageEvent(
         request_id=record.request_id,
         tenant_id=device.tenant_id,
         tenant=tenant,
         function=device.function,
-        started_at=started,
+        started_at=record.started_at,  # in UTC: EdgeRecord converts it
         duration_ms=record.duration_ms,
         compute_ms=record.compute_ms,
         device="edge",

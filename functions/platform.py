@@ -83,6 +83,7 @@ class Platform:
             settings.data_dir / "usage",
             on_billed=self.metrics.billed,
             flush_interval_s=settings.usage_flush_interval_s,
+            grace=timedelta(seconds=settings.invoice_grace_s),
         )
         self.usage: UsageSink = usage or self.ledger
         self.plans = PlanBook(self.store)
@@ -90,7 +91,7 @@ class Platform:
         self.admission = TenantAdmission(self.limits_of)
         self.fair = FairQueue(settings.in_flight_capacity)
         self.audit = AuditLog(self.store)
-        self.billing = Billing(self.ledger, self.plans, grace=timedelta(seconds=settings.invoice_grace_s))
+        self.billing = Billing(self.ledger, self.plans)  # the grace is the ledger's: it files by it
         self.activator = Activator(
             max_pending_per_function=settings.max_pending_per_function,
             max_pending_per_tenant=settings.max_pending_per_tenant,

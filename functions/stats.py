@@ -111,7 +111,7 @@ async def function_stats(
     """Per-minute requests, errors, cold starts, p50/p99 latency (ms, cold starts included) and engines."""
     tenant_id = platform.tenant_for(principal, tenant, MANAGE)
     platform.function(tenant, name)  # 404 for an unknown function
-    await platform.ledger.flush()  # so that the last requests are in
+    await platform.ledger.flush(tenant_id)  # so that the tenant's last requests are in
     now = utcnow().astimezone(UTC)
     start = now.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
     end = start + timedelta(minutes=minutes)

@@ -65,8 +65,16 @@ async def started(store: Store, folder: Path, clock: Clock) -> tuple[Ledger, Bil
 # ---------------------------------------------------------------------------- arithmetic
 
 
-def test_compute_rounds_up_to_whole_milliseconds_per_request():
-    assert [billed_ms(us) for us in (0, 1, 999, 1000, 1001, 2500)] == [0, 1, 1, 1, 2, 3]
+def test_compute_rounds_up_to_whole_milliseconds_per_request_from_the_reported_value():
+    reported = (0.0, 0.001, 0.999, 1.0, 1.001, 2.5, 29.0001, 29.0000001, 29.0, 86_400_000.0)
+    assert [billed_ms(ms) for ms in reported] == [0, 1, 1, 1, 2, 3, 30, 30, 29, 86_400_000]
+
+
+def test_a_ledger_row_bills_the_round_up_of_the_reported_compute_not_of_a_rounded_one():
+    from functions.billing.ledger import row_of
+
+    row = row_of(event("r", compute_ms=29.0001))
+    assert (row["compute_us"], row["billed_ms"]) == (29000, 30)
 
 
 def test_money_rounds_half_up_once_per_line_item():
@@ -170,10 +178,28 @@ def test_the_same_request_id_is_counted_once(store, tmp_path):
     assert invoice["requests"] == 2
 
 
-def ledger_row(request_id: str):
+def ledger_row(request_id: str, tenant: Account = ACME):
     from functions.billing.ledger import row_of
 
-    return row_of(event(request_id), source="edge")
+    return row_of(event(request_id, tenant=tenant), source="edge")
+
+
+def test_a_request_id_is_unique_per_tenant_not_across_tenants(store, tmp_path):
+    globex = Account(2, "globex", "default")
+
+    async def scenario():
+        ledger, billing = await started(store, tmp_path / "usage", Clock(NOV_2))
+        await ledger.record(event("shared"))
+        await ledger.flush()
+        new = [await ledger.add_external([ledger_row("shared", globex)]),
+               await ledger.add_external([ledger_row("shared", globex), ledger_row("shared")])]  # fmt: skip
+        invoices = [await billing.invoice(t, "2026-11") for t in (ACME, globex)]
+        await ledger.close()
+        return new, invoices
+
+    new, (acme_invoice, globex_invoice) = run(scenario())
+    assert new == [1, 0]
+    assert acme_invoice["requests"] == 1 and globex_invoice["requests"] == 1
 
 
 def test_month_boundaries_are_exact_to_the_microsecond(store, tmp_path):
@@ -216,6 +242,23 @@ def test_a_closed_month_never_changes_and_late_records_go_to_the_open_month(stor
     assert closed["status"] == "closed" and closed["requests"] == 1
     assert again == closed
     assert november["requests"] == 1  # the late October record
+
+
+def test_a_record_for_a_month_whose_invoice_closed_unread_goes_to_the_open_month(store, tmp_path):
+    async def scenario():
+        ledger, billing = await started(store, tmp_path / "usage", Clock(NOV_2))
+        await ledger.record(event("dated-2001", at=datetime(2001, 5, 1, 12, tzinfo=UTC)))
+        await ledger.record(
+            event("last-month", at=datetime(2026, 10, 31, 23, 59, tzinfo=UTC))
+        )  # grace is over
+        result = [await billing.invoice(ACME, p) for p in ("2001-05", "2026-10", "2026-11")]
+        await ledger.close()
+        return result
+
+    may_2001, october, november = run(scenario())
+    assert (may_2001["status"], may_2001["requests"]) == ("closed", 0)
+    assert (october["status"], october["requests"]) == ("closed", 0)
+    assert (november["status"], november["requests"]) == ("open", 2)
 
 
 def test_a_journal_left_by_a_crash_is_replayed_once_and_a_torn_last_line_is_skipped(store, tmp_path):
@@ -274,7 +317,7 @@ def test_invoice_csv_has_exact_decimal_amounts(store, tmp_path):
 
 
 def test_two_tenants_of_the_same_name_are_billed_apart_and_each_month_closes_for_each(store, tmp_path):
-    clock = Clock(NOV_2)
+    clock = Clock(datetime(2026, 10, 27, tzinfo=UTC))
     later_acme = Account(2, "acme", "default")  # acme deleted, then created again: another id
 
     async def scenario():
@@ -282,6 +325,8 @@ def test_two_tenants_of_the_same_name_are_billed_apart_and_each_month_closes_for
         await ledger.record(event("first", at=datetime(2026, 10, 5, tzinfo=UTC)))
         await ledger.record(event("second-1", at=datetime(2026, 10, 25, tzinfo=UTC), tenant=later_acme))
         await ledger.record(event("second-2", at=datetime(2026, 10, 26, tzinfo=UTC), tenant=later_acme))
+        await ledger.flush()
+        clock.now = NOV_2
         return await billing.invoice(ACME, "2026-10"), await billing.invoice(later_acme, "2026-10"), ledger
 
     first, second, ledger = run(scenario())

@@ -677,7 +677,9 @@ class LocalBackend:
             raise FunctionTimeout(
                 f"function {fn.label} took longer than {request.timeout_s:g} s to answer; its worker was "
                 "stopped and is replaced",
-                compute_ms=request.timeout_s * 1000,
+                # To the microsecond, as workers report theirs: 16.1 * 1000 is 16100.000000000002 in floats,
+                # which the exact round-up to whole milliseconds would bill as 16101.
+                compute_ms=round(request.timeout_s * 1000, 3),
             ) from None
         except WorkerGone:
             raise Unavailable(

@@ -4,7 +4,8 @@ One ``write(2)`` per record on an ``O_APPEND`` file: once it returns, the record
 it survives the platform being killed with SIGKILL (not a power cut: that is what the database's commit is for,
 a fraction of a second later). The ledger moves records into the database in batches and deletes a journal file
 only after the batch that holds it has committed; on start it replays whatever files are left. Replay is
-idempotent (the ledger inserts by request id), so a crash between commit and delete double-counts nothing.
+idempotent (the ledger inserts by tenant and request id), so a crash between commit and delete double-counts
+nothing.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 of the plan's currency.
 
 Rounding rules (tested in tests/test_billing_unit.py):
-1. Each request's compute time is rounded *up* to the next whole millisecond (as per-millisecond serverless
-   billing does); 0 ms of compute bills 0 ms.
+1. Each request's compute time, as reported, is rounded *up* to the next whole millisecond (as per-millisecond
+   serverless billing does), from the reported value itself: 29.0001 ms bills 30 ms; 0 ms of compute bills 0 ms.
 2. Usage is summed per line item (function x device class) exactly, in whole requests and whole milliseconds.
 3. A line item's request charge and compute charge are each converted to money once, rounded half up to a whole
    micro-unit: ``requests * price_per_million_requests / 10**6`` and ``ms * price_per_compute_second / 1000``.
@@ -11,6 +11,8 @@ Rounding rules (tested in tests/test_billing_unit.py):
 """
 
 from __future__ import annotations
+
+import math
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,9 +45,11 @@ class Prices(BaseModel):
         return self.compute_second_micros.get(device, 0)
 
 
-def billed_ms(compute_us: int) -> int:
-    """Rule 1: a request's compute, in microseconds, rounded up to whole milliseconds."""
-    return -(-compute_us // 1000)
+def billed_ms(compute_ms: float) -> int:
+    """Rule 1: a request's compute as reported, in milliseconds, rounded up to whole milliseconds. Exact: math.ceil
+    of a float is the integer above its exact binary value. Rounding to whole microseconds first (as the ledger
+    stores compute for people) would bill 29.0001 ms as 29."""
+    return max(0, math.ceil(compute_ms))
 
 
 def divide_half_up(numerator: int, denominator: int) -> int:

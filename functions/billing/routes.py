@@ -3,7 +3,7 @@ deleted tenants, whose invoices stay readable by tenant id (a new tenant of the 
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -28,10 +28,18 @@ def _time(value: str | None, name: str) -> datetime | None:
         return None
     text = value + "T00:00:00+00:00" if len(value) == 10 else value.replace("Z", "+00:00")
     try:
-        return datetime.fromisoformat(text)
+        moment = datetime.fromisoformat(text)
     except ValueError:
         raise BadRequest(
             f"{name}={value!r} is not a time: use ISO 8601 such as 2026-11-01T00:00:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        return moment  # Billing.usage says a zone is needed
+    try:
+        return moment.astimezone(UTC)  # here, where the parameter's name is known, not in the database driver
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is in year 0 in UTC
+        raise BadRequest(
+            f"{name}={value!r} is outside years 1 to 9999 once its zone offset is applied; give it in UTC"
         ) from None
 
 

@@ -8,7 +8,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from functions.billing import invoices
-from functions.billing.ledger import Ledger, period_of
+from functions.billing.ledger import Ledger
+from functions.billing.periods import closes_at, parse_period, period_of
 from functions.errors import BadRequest
 from functions.plans import PlanBook
 from functions.store.models import utcnow
@@ -30,19 +31,17 @@ class Billing:
         ledger: Ledger,
         plans: PlanBook,
         *,
-        grace: timedelta = timedelta(hours=1),
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.ledger = ledger
         self.plans = plans
-        self.grace = grace
         self.clock = clock
 
     async def usage(
         self, account: Account, start: datetime | None, end: datetime | None, group_by: str
     ) -> dict[str, Any]:
         now = self.clock()
-        start = start or invoices.parse_period(period_of(now))[0]  # default: this month so far
+        start = start or parse_period(period_of(now))[0]  # default: this month so far
         end = end or now + timedelta(seconds=1)
         if start.tzinfo is None or end.tzinfo is None:
             raise BadRequest("start and end need a time zone, e.g. 2026-11-01T00:00:00Z")
@@ -57,7 +56,7 @@ class Billing:
 
     async def invoice(self, account: Account, period: str) -> dict[str, Any]:
         try:
-            start, _ = invoices.parse_period(period)
+            start, _ = parse_period(period)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         now = self.clock()
@@ -65,7 +64,7 @@ class Billing:
             raise BadRequest(f"{period} has not begun; invoices exist for this month and earlier ones")
         tenant, plan = account.name, account.plan
         prices = self.plans.prices(plan)
-        if self.ledger.is_closed(account.id, period) or now >= invoices.closes_at(period, self.grace):
+        if self.ledger.is_closed(account.id, period) or now >= closes_at(period, self.ledger.grace):
             return await self.ledger.close_period(
                 account.id,
                 tenant,

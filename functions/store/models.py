@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    PrimaryKeyConstraint,
     String,
     Text,
     TypeDecorator,
@@ -105,15 +106,17 @@ class Function(Base):
 
 
 class UsageRecord(Base):
-    """One request that reached a function: the ledger's row, written once (idempotent by request id)."""
+    """One request that reached a function: the ledger's row, written once (idempotent by tenant and request id:
+    a request id is whatever its sender picked, so it is unique only within a tenant; migration 0006)."""
 
     __tablename__ = "usage_records"
     __table_args__ = (
+        PrimaryKeyConstraint("tenant_id", "request_id", name="usage_records_pkey"),
         Index("ix_usage_tenant_id_period", "tenant_id", "period"),
         Index("ix_usage_tenant_id_started", "tenant_id", "started_at"),
     )
 
-    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64))
     # By id, not a foreign key: billing history outlives the tenant row, and a later tenant of the same name
     # (a new id) must not see it.
     tenant_id: Mapped[int] = mapped_column(Integer)
@@ -122,8 +125,8 @@ class UsageRecord(Base):
     period: Mapped[str] = mapped_column(String(7))  # "YYYY-MM" of the invoice it belongs to
     started_at: Mapped[datetime] = mapped_column()
     duration_us: Mapped[int] = mapped_column(BigInteger)
-    compute_us: Mapped[int] = mapped_column(BigInteger)  # as the worker reported it
-    billed_ms: Mapped[int] = mapped_column(BigInteger)  # compute rounded up to whole ms; 0 when not billable
+    compute_us: Mapped[int] = mapped_column(BigInteger)  # as reported, to the nearest microsecond
+    billed_ms: Mapped[int] = mapped_column(BigInteger)  # reported compute rounded up to ms; 0 if not billed
     device: Mapped[str] = mapped_column(String(8))  # gpu | cpu | lite | edge
     cold_start: Mapped[bool] = mapped_column(Boolean)
     status: Mapped[int] = mapped_column(Integer)
