@@ -652,7 +652,9 @@ class _Step:
 
     def call_off_unwanted(self) -> None:
         """Starts still waiting for a slot beyond what their function wants now go, the newest first."""
-        for key, f in self.functions.items():
+        claiming = {r.key for r in self.replicas.values() if r.phase == Phase.CLAIMING and not r.fallback}
+        for key in claiming & self.functions.keys():  # most steps: none
+            f = self.functions[key]
             surplus = self.count(key) - max(f.desired, 1 if f.waiting else 0)
             claims = sorted(self.of(key, Phase.CLAIMING, fallback=False), key=lambda r: -r.id)
             for r in claims[: max(0, surplus)]:
