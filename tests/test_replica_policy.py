@@ -15,7 +15,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from functions.backends.replicas import (
+from functions.backends.replica_state import (
     LITE,
     PADDLE,
     Arrive,
@@ -40,11 +40,8 @@ from functions.backends.replicas import (
     Tenant,
     Tick,
     Woke,
-    count,
-    in_use,
-    of,
-    step,
 )
+from functions.backends.replicas import count, in_use, of, step
 from functions.clock import ManualClock
 
 RULES = Rules(min_residency_s=10.0, scale_down_delay_s=30.0)

@@ -39,7 +39,8 @@ from functions.backends.pool import (
     WorkerTimeout,
     WorkerUnreachable,
 )
-from functions.backends.replicas import (
+from functions.backends.replica_state import (
+    COUNTED,
     LITE,
     PADDLE,
     Adopt,
@@ -186,7 +187,7 @@ class LocalBackend:
 
     def lite_replicas(self, fn: FunctionRecord) -> int:
         """Lite fallback replicas running or starting (on top of ``replicas``)."""
-        return len(policy.of(self._state, fn.key, *policy.COUNTED, fallback=True))
+        return len(policy.of(self._state, fn.key, *COUNTED, fallback=True))
 
     def pending(self, fn: FunctionRecord) -> int:
         f = self._state.functions.get(fn.key)
