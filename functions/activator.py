@@ -8,10 +8,10 @@ exhaust the gateway (Knative #13211, #12728).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from functions.clock import SYSTEM_CLOCK, Clock
 from functions.errors import Unavailable
 from functions.registry import FunctionRecord
 from scaler.policy import Load
@@ -23,7 +23,7 @@ Key = tuple[str, str]
 class _Counts:
     in_flight: int = 0
     peak: int = 0
-    last_request: float | None = None  # monotonic
+    last_request: float | None = None  # the clock's monotonic seconds
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Activator:
     max_pending_per_function: int
     max_pending_per_tenant: int
     pending_of: Callable[[FunctionRecord], int]  # requests the backend holds waiting for a replica
+    clock: Clock = SYSTEM_CLOCK
     _counts: dict[Key, _Counts] = field(default_factory=dict)
 
     def admit(self, fn: FunctionRecord, tenant_functions: Callable[[], list[FunctionRecord]]) -> None:
@@ -53,17 +54,17 @@ class Activator:
         counts = self._counts.setdefault(fn.key, _Counts())
         counts.in_flight += 1
         counts.peak = max(counts.peak, counts.in_flight)
-        counts.last_request = time.monotonic()
+        counts.last_request = self.clock.now()
 
     def end(self, fn: FunctionRecord) -> None:
         counts = self._counts[fn.key]
         counts.in_flight -= 1
-        counts.last_request = time.monotonic()
+        counts.last_request = self.clock.now()
 
     def touch(self, fn: FunctionRecord) -> None:
         """Count a deploy or a wake-up as activity, so the idle timeout starts from it."""
         counts = self._counts.setdefault(fn.key, _Counts())
-        counts.last_request = time.monotonic()
+        counts.last_request = self.clock.now()
 
     def in_flight(self, fn: FunctionRecord) -> int:
         counts = self._counts.get(fn.key)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
 from functions.activator import Activator
 from functions.audit import SYSTEM, AuditLog
 from functions.backends.base import Backend
+from functions.clock import SYSTEM_CLOCK, Clock
 from functions.metrics import Metrics
 from functions.registry import FunctionRecord, Registry
 from functions.settings import Settings
@@ -35,7 +35,9 @@ class Autoscaler:
         *,
         max_replicas_of: Callable[[str], int] | None = None,
         audit: AuditLog | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self.clock = clock  # the activator's: idle times are measured on one clock
         self.max_replicas_of = max_replicas_of  # the tenant's plan limit across all its functions
         self.audit = audit
         self.registry = registry
@@ -102,7 +104,7 @@ class Autoscaler:
     async def run(self) -> None:
         while True:
             try:
-                await self.step(time.monotonic())
+                await self.step(self.clock.now())
             except Exception:
                 log.exception("autoscaler step failed; trying again next tick")
             await asyncio.sleep(self.settings.scaler_tick_s)

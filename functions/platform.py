@@ -32,6 +32,7 @@ from functions.autoscaler import Autoscaler
 from functions.backends.base import Backend
 from functions.billing.ledger import Ledger
 from functions.billing.service import Billing
+from functions.clock import SYSTEM_CLOCK, Clock
 from functions.deploy import DeployFailed
 from functions.deployqueue import DeployQueue
 from functions.errors import BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized
@@ -68,9 +69,15 @@ def config_errors(exc: ValidationError) -> str:
 
 class Platform:
     def __init__(
-        self, settings: Settings, *, backend: Backend | None = None, usage: UsageSink | None = None
+        self,
+        settings: Settings,
+        *,
+        backend: Backend | None = None,
+        usage: UsageSink | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
+        self.clock = clock  # the one clock of the activator, the autoscaler and the backend
         self.store = Store(settings.database)
         self.keys = KeyRing()
         self.registry = Registry()
@@ -96,10 +103,11 @@ class Platform:
             max_pending_per_function=settings.max_pending_per_function,
             max_pending_per_tenant=settings.max_pending_per_tenant,
             pending_of=backend.pending,
+            clock=clock,
         )
         self.autoscaler = Autoscaler(
             self.registry, backend, self.activator, settings, self.metrics,
-            max_replicas_of=lambda tenant: self.limits_of(tenant).max_replicas, audit=self.audit,
+            max_replicas_of=lambda tenant: self.limits_of(tenant).max_replicas, audit=self.audit, clock=clock,
         )  # fmt: skip
         quota = getattr(backend, "set_replica_quota", None)
         if quota is not None:  # fallback=capacity answers from Lite once the tenant's max_replicas is reached
@@ -122,12 +130,14 @@ class Platform:
             from functions.backends.knative import KnativeBackend
             from functions.cluster.config import quota_from_limits
 
-            return KnativeBackend(settings, quota_of=lambda tenant: quota_from_limits(self.limits_of(tenant)))
+            return KnativeBackend(
+                settings, quota_of=lambda tenant: quota_from_limits(self.limits_of(tenant)), clock=self.clock
+            )
         if settings.backend != "local":
             raise ValueError(f"PADDLEFN_BACKEND={settings.backend!r}: use local or knative")
         from functions.backends.local import LocalBackend
 
-        return LocalBackend(settings)
+        return LocalBackend(settings, clock=self.clock)
 
     async def tenant_created(self, name: str) -> None:
         """Let the backend provision what a tenant needs (a namespace and its guard rails on Kubernetes)."""

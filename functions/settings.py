@@ -138,6 +138,10 @@ class Settings:
     """How often the autoscaler looks at load (wake-ups do not wait for it)."""
     scale_down_delay_s: float = 30.0
     """Extra replicas stay this long after demand falls, so bursts do not thrash."""
+    min_residency_s: float = 10.0
+    """A replica is never evicted for another function's start (nor shed when worker capacity shrinks) within
+    this long of becoming ready, so functions cannot evict each other in a loop; meanwhile a start that finds
+    no slot waits (up to its cold-start timeout, then 503 + Retry-After)."""
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Settings of optional parts (e.g. the Kubernetes backend), by name."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import httpx
 
 from functions.backends.base import PASSED_RESPONSE_HEADERS, Forwarded, Outgoing, WakeListener
+from functions.clock import SYSTEM_CLOCK, Clock
 from functions.cluster import job_status
 from functions.cluster.config import ClusterConfig, TenantQuota
 from functions.cluster.render import (
@@ -253,8 +253,10 @@ class KnativeBackend:
         config: ClusterConfig | None = None,
         api_client_factory: Callable[[], Any] = default_api_client,
         quota_of: Callable[[str], TenantQuota | None] = lambda tenant: None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
+        self.clock = clock
         self.config = config or ClusterConfig.from_env()
         self._api_client_factory = api_client_factory
         self._quota_of = quota_of  # the tenant's plan quota, when plans carry one
@@ -358,7 +360,7 @@ class KnativeBackend:
         meta = job["metadata"]
         namespace, name = meta["namespace"], meta["name"]
         timeout_s = self.settings.deploy_timeout_s
-        deadline = time.monotonic() + timeout_s + self.config.prepare_grace_s
+        deadline = self.clock.now() + timeout_s + self.config.prepare_grace_s
         shown, printed = job_status.PREPARING, None
         pod: job_status.PodView | None = None
         while True:
@@ -388,7 +390,7 @@ class KnativeBackend:
             if stage != shown:
                 on_stage(stage)
                 shown = stage
-            if time.monotonic() > deadline:  # Kubernetes should have ended it by now: we give up ourselves
+            if self.clock.now() > deadline:  # Kubernetes should have ended it by now: we give up ourselves
                 raise DeployFailed(job_status.timeout_reason(timeout_s, pod))
             await asyncio.sleep(self.config.prepare_poll_s)
 
@@ -436,7 +438,7 @@ class KnativeBackend:
     def _maybe_asleep(self, fn: FunctionRecord) -> bool:
         last = self._last_answer.get(fn.key)
         idle_timeout = fn.config.idle_timeout_s or self.settings.idle_timeout_s
-        return last is None or time.monotonic() - last >= idle_timeout
+        return last is None or self.clock.now() - last >= idle_timeout
 
     def replica_info(self, fn: FunctionRecord) -> list[dict[str, Any]]:
         return []  # replicas are pods that Kubernetes lists: kubectl get pods -l paddlefn.dev/function=...
@@ -453,7 +455,7 @@ class KnativeBackend:
         assert self._http is not None
         spec = spec_of(fn, self.settings)
         urls = [function_url(spec, self.config) + request.path]
-        started = time.perf_counter()
+        started = self.clock.now()
         # Possibly asleep: signal the scaler before the first try, because the request may not fail fast (an
         # ingress or Knative's activator can hold it) and KEDA would otherwise wake it only at its next poll.
         cold = self._maybe_asleep(fn)
@@ -474,7 +476,7 @@ class KnativeBackend:
                     spec.lite and self.config.lite_fallback and len(urls) == 1
                 ):  # the CPU stand-in wakes faster
                     urls.append(function_url(spec, self.config, FALLBACK) + request.path)
-                if time.perf_counter() - started > request.cold_start_timeout_s:
+                if self.clock.now() - started > request.cold_start_timeout_s:
                     raise GatewayTimeout(
                         f"function {fn.label} did not wake within its cold-start timeout of "
                         f"{request.cold_start_timeout_s:g} s"
@@ -482,8 +484,8 @@ class KnativeBackend:
                 await asyncio.sleep(0.05)
         finally:
             self._pending[fn.key] -= cold
-        self._last_answer[fn.key] = time.monotonic()
-        return self._forwarded(response, time.perf_counter() - started if cold else None)
+        self._last_answer[fn.key] = self.clock.now()
+        return self._forwarded(response, self.clock.now() - started if cold else None)
 
     async def _wake(self, fn: FunctionRecord) -> None:
         for listener in self._listeners:

@@ -1,20 +1,18 @@
 """The embedded backend: each replica is a worker process on this machine, reached over a Unix socket.
 
-Per function a ReplicaSet holds the ready replicas, each with a fixed number of request slots, and a FIFO of
-requests waiting for a slot. A request that finds the function asleep wakes it at once (no scaler tick) and
-waits up to its cold-start timeout. When every worker slot is taken, a replica is taken back to make room by the
-rule of ``functions/slots.py``: replicas beyond their tenant's fair share of the slots (by plan weight) go first,
-``min_scale`` ones included, the least recently used idle first; then an idle function sleeps early. A replica
-with requests in flight is never taken, and while another tenant holds less than its share a tenant starts no
-replica beyond its own, so a ``min_scale`` that cannot fit beside the others waits instead of taking slots back.
+A thin driver of the replica policy (``functions/backends/replicas.py``, pure): what happens here (a request
+arrives or ends, a worker is taken or loaded, a process exits, time passes) goes to the policy as an event, and
+what the policy decides comes back as effects that this module performs: take a worker from a pool and load the
+function's model, stop a worker, give a waiting request its replica, fail the waiting requests, tell the wake
+listeners. The rules themselves (fair shares of worker slots, eviction, minimum residency, Lite fallback) are
+written down in that module's docstring; the minimum residency is ``Settings.min_residency_s`` (default 10 s).
+
+Concurrency: the policy's state and the requests waiting for a replica belong to the event loop; every event is
+applied synchronously (``_step``), so effects are performed in the order they were decided. Worker pools are
+read fresh at every event (their capacity may change at runtime) and only through their public interface.
 
 Paddle Lite (``config.device``/``config.fallback``): a replica is a Paddle Inference worker (the primary) or a
 Paddle Lite one, from a pool of its own (``WorkerPool(engine="lite")``: no Paddle import, CPU only, its own slots).
-``device=lite``: every replica is a Lite one. ``fallback=cold``: a request that finds no primary replica ready
-also starts a Lite replica at once (Lite loads in ~0.15 s), and whichever is ready first answers; once a primary
-replica is ready the Lite one is retired (it finishes what it holds). ``fallback=capacity``: when no primary
-replica can be had (every worker slot taken, or the tenant's max_replicas reached) a Lite replica answers instead
-of the request queueing or being refused, while the primary start waits for room; it is retired as above.
 Lite fallback replicas are not counted in ``replicas`` (the scaler's number) nor in the tenant's max_replicas.
 """
 
@@ -24,13 +22,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from functions.backends import replicas as policy
 from functions.backends.base import PASSED_RESPONSE_HEADERS, Forwarded, Outgoing, WakeListener
 from functions.backends.pool import (
     NoCapacity,
@@ -42,23 +40,47 @@ from functions.backends.pool import (
     WorkerUnreachable,
     worker_env,
 )
+from functions.backends.replica_state import (
+    COUNTED,
+    LITE,
+    PADDLE,
+    Adopt,
+    Arrive,
+    Cause,
+    Configure,
+    Dispatch,
+    Done,
+    Effect,
+    Event,
+    Exited,
+    Fail,
+    GiveUp,
+    Key,
+    Loaded,
+    Overran,
+    Phase,
+    PoolView,
+    Remove,
+    Rules,
+    Scale,
+    Spec,
+    StartFailed,
+    Stop,
+    Take,
+    TakeFailed,
+    Tenant,
+    Tick,
+    Woke,
+)
 from functions.backends.template import WorkerTemplate
+from functions.clock import SYSTEM_CLOCK, Clock
 from functions.deploy import prepare_model
 from functions.errors import FunctionTimeout, GatewayTimeout, Unavailable
 from functions.registry import FunctionRecord
 from functions.settings import Settings
-from functions.slots import HeldReplica, Slots, TenantSlots, must_yield, reclaimable, start_limit
 from runtime.spec import Manifest
 
 log = logging.getLogger("paddlefn.local")
-
-
-PADDLE, LITE = "paddle", "lite"  # load parameter `engine` of a replica
-
-
-class _NotWanted(Exception):
-    """A replica start that waited for room was called off (scaled down or deleted meanwhile, or nobody waits for it
-    and its tenant holds its fair share while another tenant is short of its own)."""
 
 
 def primary_engine(fn: FunctionRecord) -> str:
@@ -72,86 +94,22 @@ def lite_slots(fn: FunctionRecord) -> int:
 
 @dataclass(eq=False)
 class Replica:
-    worker: WorkerProcess
-    slots: int
-    in_flight: int = 0
-    draining: bool = False
-    engine: str = PADDLE
-    idle_since: float = field(default_factory=time.monotonic)  # when its last request ended
+    """A replica as the driver knows it: the policy's id and, once taken, its worker."""
 
-
-@dataclass(eq=False)
-class ReplicaSet:
-    fn: FunctionRecord
-    replicas: list[Replica] = field(default_factory=list)  # primary replicas (Lite ones for device=lite)
-    starting: int = 0
-    claiming: int = 0  # of the starting ones, those without a worker yet
-    desired: int = 0
-    fallback: list[Replica] = field(default_factory=list)  # Lite replicas answering for the primary
-    fallback_starting: int = 0
-    waiters: deque[asyncio.Future[Replica]] = field(default_factory=deque)
-    last_used: float = field(default_factory=time.monotonic)
-    _start_watchers: list[asyncio.Future[None]] = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        return len(self.replicas) + self.starting
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiters) or any(r.in_flight for r in [*self.replicas, *self.fallback])
-
-    def acquire_nowait(self) -> Replica | None:
-        """A free slot of a primary replica; failing that, of a Lite fallback replica (only while one runs)."""
-        free = [r for r in self.replicas if not r.draining and r.in_flight < r.slots]
-        if not free:
-            free = [r for r in self.fallback if not r.draining and r.in_flight < r.slots]
-        if not free:
-            return None
-        replica = min(free, key=lambda r: r.in_flight)
-        replica.in_flight += 1
-        return replica
-
-    def wait(self) -> asyncio.Future[Replica]:
-        future: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
-        self.waiters.append(future)
-        return future
-
-    def hand_out(self) -> None:
-        """Give free slots to waiting requests, oldest first."""
-        while self.waiters:
-            if self.waiters[0].done():  # gave up (timeout or client gone)
-                self.waiters.popleft()
-                continue
-            replica = self.acquire_nowait()
-            if replica is None:
-                return
-            self.waiters.popleft().set_result(replica)
-
-    def start_ended(self) -> asyncio.Future[None]:
-        """Resolves when the next replica start of this set ends (ready, failed or called off)."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._start_watchers.append(future)
-        return future
-
-    def notify_start_ended(self) -> None:
-        watchers, self._start_watchers = self._start_watchers, []
-        for future in watchers:
-            if not future.done():
-                future.set_result(None)
-
-    def fail_waiters(self, error: Exception) -> None:
-        while self.waiters:
-            future = self.waiters.popleft()
-            if not future.done():
-                future.set_exception(error)
+    id: int
+    engine: str
+    worker: WorkerProcess | None = None
 
 
 class LocalBackend:
     name = "local"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = settings
+        self.clock = clock
+        self.rules = Rules(
+            min_residency_s=settings.min_residency_s, scale_down_delay_s=settings.scale_down_delay_s
+        )
         # One template forks the workers of both pools (a Lite worker is runtime.server too, without Paddle).
         self.template = (
             WorkerTemplate(worker_env(settings), settings.data_dir / "logs" / "template.log")
@@ -162,7 +120,14 @@ class LocalBackend:
         self.lite_pool = WorkerPool(
             settings, on_exit=self._worker_exited, engine=LITE, template=self.template
         )
-        self._sets: dict[tuple[str, str], ReplicaSet] = {}
+        self._state = policy.State()
+        self._functions: dict[Key, FunctionRecord] = {}
+        self._waiters: dict[Key, deque[asyncio.Future[Replica]]] = {}
+        self._replicas: dict[int, Replica] = {}  # by policy id: those taking or holding a worker
+        self._by_worker: dict[WorkerProcess, Replica] = {}
+        self._taking = {PADDLE: 0, LITE: 0}  # takes decided whose pool.take() has not been called yet
+        self._stops: dict[int, asyncio.Task[Any]] = {}
+        self._changed = asyncio.Event()  # set after every step (a deploy waits for its first replica)
         self._replica_quota: Callable[[str], int] | None = None  # tenant -> max_replicas
         self._weight_of: Callable[[str], int] | None = None  # tenant -> plan weight (fair shares of slots)
         self._listeners: list[WakeListener] = []
@@ -170,32 +135,30 @@ class LocalBackend:
 
     async def start(self) -> None:
         self.pool.refill()
-        self._spawn_task(self._reap_fallbacks(), "reap-lite-fallbacks")
+        self._spawn_task(self._ticks(), "replica-ticks")
         self._spawn_task(self.pool.watch_memory(), "watch-worker-memory")
 
-    async def _reap_fallbacks(self) -> None:
-        """A Lite replica that stood in for a busy primary (fallback=capacity) goes once it has been idle for the
-        scale-down delay while its primary runs; one that stood in for a sleeping function goes with it."""
+    async def _ticks(self) -> None:
+        """Tell the policy that time passed (deadlines, residencies, idle Lite replicas) each second, and at once
+        when a pool changes (a pre-warmed worker joined: a waiting start may have it)."""
         while True:
-            await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for rs in list(self._sets.values()):
-                if not rs.replicas:
-                    continue
-                for replica in list(rs.fallback):
-                    if (
-                        replica.in_flight == 0
-                        and now - replica.idle_since >= self.settings.scale_down_delay_s
-                    ):
-                        log.info("%s: idle Lite fallback replica retired", rs.fn.label)
-                        self._retire(rs, replica)
+            changed = [asyncio.ensure_future(p.changed.wait()) for p in (self.pool, self.lite_pool)]
+            try:
+                await asyncio.wait(changed, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in changed:
+                    waiter.cancel()
+            try:
+                self._step(Tick())
+            except Exception:
+                log.exception("replica policy tick failed; trying again")
 
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for rs in self._sets.values():
-            rs.fail_waiters(Unavailable("the platform is shutting down", retry_after=5))
+        for key in list(self._waiters):
+            self._fail(Fail(key, "the platform is shutting down", retry_after=5))
         await asyncio.gather(self.pool.close(), self.lite_pool.close())
         if self.template is not None:
             await self.template.close()
@@ -230,41 +193,38 @@ class LocalBackend:
     def _pool(self, engine: str) -> WorkerPool:
         return self.lite_pool if engine == LITE else self.pool
 
+    # ---------------------------------------------------------------- what the platform reads
+
     def replicas(self, fn: FunctionRecord) -> int:
-        rs = self._sets.get(fn.key)
-        return rs.count if rs else 0
+        return policy.count(self._state, fn.key)
 
     def replica_info(self, fn: FunctionRecord) -> list[dict[str, Any]]:
-        rs = self._sets.get(fn.key)
-        if rs is None:
-            return []
-        return [
-            {"pid": r.worker.pid, "in_flight": r.in_flight, "slots": r.slots, "engine": r.engine,
-             "fallback": r in rs.fallback}
-            for r in [*rs.replicas, *rs.fallback]
-        ]  # fmt: skip
+        info = []
+        for r in policy.of(self._state, fn.key, Phase.READY):
+            worker = self._replicas[r.id].worker if r.id in self._replicas else None
+            if worker is not None:
+                info.append({"pid": worker.pid, "in_flight": r.in_flight, "slots": r.slots, "engine": r.engine,
+                             "fallback": r.fallback})  # fmt: skip
+        return info
 
     def lite_replicas(self, fn: FunctionRecord) -> int:
         """Lite fallback replicas running or starting (on top of ``replicas``)."""
-        rs = self._sets.get(fn.key)
-        return len(rs.fallback) + rs.fallback_starting if rs else 0
+        return len(policy.of(self._state, fn.key, *COUNTED, fallback=True))
 
     def pending(self, fn: FunctionRecord) -> int:
-        rs = self._sets.get(fn.key)
-        return sum(1 for w in rs.waiters if not w.done()) if rs else 0
+        f = self._state.functions.get(fn.key)
+        return f.waiting if f else 0
 
     def ready_replicas(self, fn: FunctionRecord) -> int:
-        rs = self._sets.get(fn.key)
-        return len(rs.replicas) if rs else 0
+        return len(policy.of(self._state, fn.key, Phase.READY, fallback=False))
 
-    def _set(self, fn: FunctionRecord) -> ReplicaSet:
-        rs = self._sets.get(fn.key)
-        if rs is None:
-            rs = self._sets[fn.key] = ReplicaSet(fn)
-        rs.fn = fn  # the record may have been replaced (new config)
-        if fn.config.uses_lite:
-            self.lite_pool.activate(self.settings.lite_pool_size)
-        return rs
+    def clamp_replicas(self, fn: FunctionRecord, count: int) -> int:
+        """COUNT, or fewer where the starts would go beyond the tenant's fair share of worker slots while another
+        tenant is short of its own (the autoscaler then does not ask for them every tick)."""
+        state = replace(self._state, pools=self._pool_views(), tenants=self._tenants())
+        return policy.clamp(state, fn.key, count, self.clock.now(), self.rules)
+
+    # ---------------------------------------------------------------- preparing a model
 
     async def prepare(
         self, fn: FunctionRecord, *, device: str, batching: bool, on_stage: Callable[[str], None]
@@ -297,319 +257,340 @@ class LocalBackend:
     def _uid(self, fn: FunctionRecord) -> int:
         return self.settings.tenant_uid_base + fn.tenant_id
 
+    # ---------------------------------------------------------------- lifecycle of functions
+
     async def deployed(self, fn: FunctionRecord) -> None:
         # As Knative's initial scale: a new function starts one replica so its first request is warm.
         await self.set_replicas(fn, max(fn.config.min_scale, 1))
         # Wait for the first one (the platform says READY only then), however its start ends: a start that
         # fails or is called off (fair shares) leaves a ready function whose first request starts one.
-        rs = self._sets.get(fn.key)
-        while rs is not None and rs.starting and not rs.replicas:
-            ended = rs.start_ended()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended, self._cold_timeout(fn))
-            if not ended.done():
+        deadline = self.clock.now() + self._cold_timeout(fn)
+        while self._starting(fn.key) and not policy.of(self._state, fn.key, Phase.READY, fallback=False):
+            changed = self._changed
+            remaining = deadline - self.clock.now()
+            if remaining <= 0:
                 return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), min(remaining, 1.0))
+
+    def _starting(self, key: Key) -> bool:
+        return bool(policy.of(self._state, key, Phase.CLAIMING, Phase.LOADING, fallback=False))
 
     async def removed(self, fn: FunctionRecord) -> None:
-        rs = self._sets.pop(fn.key, None)
-        if rs is None:
+        if fn.key not in self._state.functions:
             return
-        rs.desired = 0
-        rs.fail_waiters(Unavailable(f"function {fn.label} was deleted"))
-        await asyncio.gather(*(r.worker.stop() for r in [*rs.replicas, *rs.fallback]), return_exceptions=True)
+        self._step(Remove(fn.key))
+        self._functions.pop(fn.key, None)
+        self._waiters.pop(fn.key, None)
+        stops = [t for r in policy.of(self._state, fn.key) if (t := self._stops.get(r.id)) is not None]
+        await asyncio.gather(*stops, return_exceptions=True)
 
     async def reconfigured(self, fn: FunctionRecord) -> None:
-        rs = self._sets.get(fn.key)
-        if rs is None:
+        old = self._functions.get(fn.key)
+        if old is None:
             return
-        restart = self._load_parameters(rs.fn, primary_engine(rs.fn)) != self._load_parameters(
+        restart = self._load_parameters(old, primary_engine(old)) != self._load_parameters(
             fn, primary_engine(fn)
         )
-        self._set(fn)
-        for replica in rs.replicas:
-            replica.slots = lite_slots(fn) if replica.engine == LITE else fn.config.slots_per_replica
-        for replica in rs.fallback:
-            replica.slots = lite_slots(fn)
-        if fn.config.fallback == "none" or fn.config.device == "lite":
-            self._retire_fallback(rs)
-        if restart:  # workers load with the settings they were given: new ones pick up the change
-            wanted = rs.desired
-            for replica in list(rs.replicas):
-                self._retire(rs, replica)
-            await self.set_replicas(fn, wanted)
-        rs.hand_out()
+        self._known(fn)
+        self._step(Configure(fn.key, self._spec(fn), restart=restart))
 
     async def set_replicas(self, fn: FunctionRecord, count: int) -> None:
         """Run COUNT replicas: starts stop at the tenant's fair share while another tenant is short of its own
         (``clamp_replicas``; the scaler asks again later); scale-downs are not held."""
-        rs = self._set(fn)
-        rs.desired = count
-        for _ in range(self.clamp_replicas(fn, count) - rs.count):
-            rs.starting += 1
-            rs.claiming += 1
-            self._spawn_task(self._start_replica(rs), f"start-{fn.label}")
-        surplus = len(rs.replicas) + rs.starting - count
-        if surplus > 0:
-            # Idle replicas go first; busy ones stop taking requests and exit when their last one ends.
-            for replica in sorted(rs.replicas, key=lambda r: r.in_flight)[:surplus]:
-                self._retire(rs, replica)
-        if count == 0:  # the function sleeps: Lite stand-ins go with it
-            self._retire_fallback(rs)
+        self._known(fn)
+        self._step(Scale(fn.key, count))
 
-    def _retire(self, rs: ReplicaSet, replica: Replica) -> None:
-        if replica in rs.replicas:
-            rs.replicas.remove(replica)
-        if replica in rs.fallback:
-            rs.fallback.remove(replica)
-        replica.draining = True
-        if replica.in_flight == 0:
-            self._spawn_task(replica.worker.stop(), f"stop-worker-{replica.worker.id}")
+    def adopt(self, fn: FunctionRecord, worker: WorkerProcess) -> None:
+        """WORKER, already serving FN's model, becomes one of its ready replicas (not from a pool)."""
+        self._known(fn)
+        self._step(Adopt(fn.key))
+        rid = self._state.next_id - 1
+        self._track(Replica(rid, primary_engine(fn), worker))
 
-    def _kill(self, rs: ReplicaSet, replica: Replica, why: str) -> None:
-        """End REPLICA now (SIGKILL): it overran; the function's next request starts a fresh one."""
-        log.warning("%s: worker %d killed: %s", rs.fn.label, replica.worker.id, why)
-        replica.worker.stopping = True
-        replica.worker.kill()
-        self._retire(rs, replica)
-        rs.desired = min(rs.desired, rs.count)
-        if rs.waiters and rs.count == 0:  # requests queued behind it get a fresh replica
-            self._spawn_task(self.set_replicas(rs.fn, 1), f"restart-{rs.fn.label}")
+    def _known(self, fn: FunctionRecord) -> None:
+        """FN's record is the current one (it may have been replaced: new config), and the policy knows it."""
+        self._functions[fn.key] = fn
+        self._waiters.setdefault(fn.key, deque())
+        if fn.config.uses_lite:
+            self.lite_pool.activate(self.settings.lite_pool_size)
+        if fn.key not in self._state.functions:
+            self._step(Configure(fn.key, self._spec(fn)))
 
-    def _retire_fallback(self, rs: ReplicaSet) -> None:
-        for replica in list(rs.fallback):
-            log.info("%s: Lite fallback replica (worker %d) retired", rs.fn.label, replica.worker.id)
-            self._retire(rs, replica)
-
-    # ---------------------------------------------------------------- Lite fallback
-
-    def _want_fallback(self, rs: ReplicaSet, why: str) -> None:
-        """Start a Lite replica to answer for the primary, unless one runs or starts already."""
-        fn = rs.fn
-        if fn.config.fallback == "none" or fn.config.device == "lite" or rs.fallback or rs.fallback_starting:
-            return
-        log.info("%s: starting a Lite fallback replica (%s)", fn.label, why)
-        rs.fallback_starting += 1
-        self._spawn_task(self._start_fallback(rs), f"start-lite-{fn.label}")
-
-    async def _start_fallback(self, rs: ReplicaSet) -> None:
-        fn = rs.fn
-        worker: WorkerProcess | None = None
-        try:
-            worker = await self.lite_pool.take()
-            await worker.load(fn.name, self._load_parameters(fn, LITE), timeout=self._cold_timeout(fn))
-        except Exception as exc:
-            rs.fallback_starting -= 1
-            reason = str(exc) if isinstance(exc, (WorkerStartError, NoCapacity)) else repr(exc)
-            log.error("no Lite fallback replica for %s: %s", fn.label, reason)
-            if worker is not None:
-                await worker.stop(grace=1)
-            return  # the primary still comes (or fails waiters itself)
-        rs.fallback_starting -= 1
-        unwanted = self._sets.get(fn.key) is not rs or rs.desired == 0 or (rs.replicas and not rs.waiters)
-        if unwanted or rs.fn.config.fallback == "none":
-            await worker.stop()  # the primary was quicker, or the function went away meanwhile
-            return
-        rs.fallback.append(Replica(worker, slots=lite_slots(rs.fn), engine=LITE))
-        log.info("%s: Lite fallback replica ready (worker %d)", fn.label, worker.id)
-        rs.hand_out()
-
-    def _tenant_replicas(self, tenant: str) -> int:
-        return sum(rs.count for rs in self._sets.values() if rs.fn.tenant == tenant)
-
-    def _over_quota(self, rs: ReplicaSet, starting_self: int) -> bool:
-        """Whether the tenant's primary replicas (not counting STARTING_SELF of RS's own starts) already fill
-        its max_replicas; only asked for fallback=capacity."""
-        if self._replica_quota is None:
-            return False
-        return self._tenant_replicas(rs.fn.tenant) - starting_self >= self._replica_quota(rs.fn.tenant)
-
-    def _primary_blocked(self, rs: ReplicaSet) -> str | None:
-        """Why no further primary replica can be had now (fallback=capacity), or None."""
-        if self.pool.full and not self._victims(rs, PADDLE):
-            return f"all {self.pool.capacity} worker slots are busy"
-        if self._over_quota(rs, 0):
-            return f"tenant '{rs.fn.tenant}' is at its max_replicas"
-        return None
-
-    # ---------------------------------------------------------------- primary replicas
-
-    async def _start_replica(self, rs: ReplicaSet) -> None:
-        try:
-            await self._start_primary(rs)
-        finally:
-            rs.notify_start_ended()
-
-    async def _start_primary(self, rs: ReplicaSet) -> None:
-        fn = rs.fn
+    def _spec(self, fn: FunctionRecord) -> Spec:
         engine = primary_engine(fn)
-        worker: WorkerProcess | None = None
-        try:
-            if fn.config.fallback == "capacity" and engine == PADDLE:
-                await self._wait_for_quota(rs)
-            worker = await self._take_worker(rs, engine)
-            waiting = any(not w.done() for w in rs.waiters)
-            parameters = {**self._load_parameters(fn, engine), "warm_up": not waiting}
-            await worker.load(fn.name, parameters, timeout=self._cold_timeout(fn))
-        except _NotWanted:
-            rs.starting -= 1
-            rs.claiming -= 1  # raised only before a worker was taken
-            return
-        except Exception as exc:
-            rs.starting -= 1
-            if worker is None:
-                rs.claiming -= 1
-            reason = str(exc) if isinstance(exc, (WorkerStartError, Unavailable)) else repr(exc)
-            log.error("could not start a replica of %s: %s", fn.label, reason)
-            if worker is not None:
-                await worker.stop(grace=1)
-            if isinstance(exc, Unavailable):
-                rs.fail_waiters(exc)
-            else:
-                rs.fail_waiters(Unavailable(f"function {fn.label} could not start: {reason}", retry_after=5))
-            rs.desired = min(rs.desired, rs.count)
-            if (
-                rs.count == 0
-            ):  # no primary is coming: the Lite stand-in goes too (the next request tries again)
-                self._retire_fallback(rs)
-            return
-        rs.starting -= 1
-        if self._sets.get(fn.key) is not rs or (rs.count >= rs.desired and not rs.waiters):
-            await worker.stop()  # scaled down or deleted while it started
-            return
-        slots = lite_slots(rs.fn) if engine == LITE else rs.fn.config.slots_per_replica
-        rs.replicas.append(Replica(worker, slots=slots, engine=engine))
-        if rs.fallback:  # the primary is here: Lite stood in long enough
-            self._retire_fallback(rs)
-        rs.hand_out()
-
-    def _still_wanted(self, rs: ReplicaSet) -> bool:
-        return self._sets.get(rs.fn.key) is rs and rs.count <= max(rs.desired, 1 if rs.waiters else 0)
-
-    async def _wait_for_quota(self, rs: ReplicaSet) -> None:
-        """fallback=capacity: beyond the tenant's max_replicas the start waits (Lite answers meanwhile)."""
-        while rs.fn.config.fallback == "capacity" and self._over_quota(rs, 1):
-            self._want_fallback(rs, f"tenant '{rs.fn.tenant}' is at its max_replicas")
-            changed = self.pool.changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), 1.0)  # plans may change too: look again each second
-            if not self._still_wanted(rs):
-                raise _NotWanted
-
-    async def _take_worker(self, rs: ReplicaSet, engine: str = PADDLE) -> WorkerProcess:
-        """A worker for a start of RS: a free one, or one freed by taking a replica back (``_evict_one``). A start
-        of a tenant holding its fair share leaves free slots to a tenant short of its own: it waits if a request
-        waits for it, else it is called off (the scaler asks again once the slot is not needed)."""
-        pool = self._pool(engine)
-        deadline = time.monotonic() + self._cold_timeout(rs.fn)
-        while True:
-            changed = pool.changed
-            if must_yield(self._slot_state(engine), rs.fn.tenant):
-                if not any(not w.done() for w in rs.waiters):
-                    raise _NotWanted
-                reason = f"tenant '{rs.fn.tenant}' holds its fair share of the {pool.capacity} worker slots"
-            else:
-                try:
-                    worker = await pool.take()
-                except NoCapacity as exc:
-                    reason = str(exc)
-                    # Evict only when no slot is already on its way (a retiring worker exiting, a pool refill):
-                    # otherwise each look would put another replica to sleep for the same one slot.
-                    if not pool.freeing and not self._evict_one(rs, engine):
-                        log.info("no worker slot for %s: %s; waiting", rs.fn.label, reason)
-                else:
-                    rs.claiming -= 1
-                    return worker
-            capacity_fallback = rs.fn.config.fallback == "capacity" and engine == PADDLE
-            if capacity_fallback:  # Lite answers now; the primary takes the next free slot
-                self._want_fallback(rs, f"all {pool.capacity} worker slots are busy")
-            remaining = deadline - time.monotonic()
-            if capacity_fallback and (rs.fallback or rs.fallback_starting):
-                remaining = 1.0  # no deadline while Lite stands in; look again each second
-                if not self._still_wanted(rs):
-                    raise _NotWanted from None
-            if remaining <= 0:
-                raise Unavailable(
-                    f"no capacity: all {pool.capacity} worker slots are busy with active functions ({reason})",
-                    retry_after=5,
-                ) from None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(remaining, 1.0))  # and look again each second
-
-    # ---------------------------------------------------------------- fair shares of worker slots
-
-    def clamp_replicas(self, fn: FunctionRecord, count: int) -> int:
-        """COUNT, or fewer where the starts it takes would go beyond the tenant's fair share of worker slots while
-        another tenant is short of its own (functions/slots.py ``start_limit``). Never fewer than the function
-        runs, and a sleeping function with a request waiting may always wake to one replica."""
-        rs = self._sets.get(fn.key)
-        current = rs.count if rs else 0
-        if count <= current:
-            return count
-        engine = primary_engine(fn)
-        asked = sum(
-            s.count
-            for s in self._sets.values()
-            if s.fn.tenant == fn.tenant and primary_engine(s.fn) == engine
+        return Spec(
+            tenant=fn.tenant,
+            label=fn.label,
+            min_scale=fn.config.min_scale,
+            engine=engine,
+            fallback=fn.config.fallback if engine == PADDLE else "none",
+            slots=lite_slots(fn) if engine == LITE else fn.config.slots_per_replica,
+            lite_slots=lite_slots(fn),
+            cold_timeout_s=self._cold_timeout(fn),
         )
-        room = max(0, start_limit(self._slot_state(engine, asking=(fn, count)), fn.tenant) - asked)
-        waking = rs is not None and current == 0 and any(not w.done() for w in rs.waiters)
-        return max(current + min(count - current, room), 1 if waking else 0)
 
-    def _slot_state(self, engine: str, asking: tuple[FunctionRecord, int] | None = None) -> Slots:
-        """The worker slots of ENGINE's pool as functions/slots.py sees them (ASKING: a function asking for that
-        many replicas, counted in its tenant's demand)."""
-        held: dict[str, int] = {}
-        wanted: dict[str, int] = {}
-        waiting: set[str] = set()
-        replicas: list[HeldReplica] = []
-        if asking is not None and asking[0].key not in self._sets:
-            wanted[asking[0].tenant] = asking[1]
-        for rs in self._sets.values():
-            fn = rs.fn
-            if primary_engine(fn) != engine:
-                continue
-            tenant = fn.tenant
-            want = max(rs.desired, fn.config.min_scale, 1 if any(not w.done() for w in rs.waiters) else 0)
-            if asking is not None and asking[0].key == fn.key:
-                want = max(want, asking[1])
-            wanted[tenant] = wanted.get(tenant, 0) + want
-            held[tenant] = held.get(tenant, 0) + len(rs.replicas) + rs.starting - rs.claiming
-            if rs.claiming:
-                waiting.add(tenant)
-            spare = 0 if rs.busy else len(rs.replicas) - fn.config.min_scale
-            for i, r in enumerate(sorted(rs.replicas, key=lambda r: r.idle_since)):
-                replicas.append(HeldReplica(r, tenant, fn.key, r.in_flight, r.idle_since, spare=i < spare))
-        tenants = {
-            t: TenantSlots(
-                weight=self._weight_of(t) if self._weight_of else 1,
-                held=max(0, held.get(t, 0)),
-                wanted=min(w, self._replica_quota(t)) if self._replica_quota else w,
-                waiting=t in waiting,
+    # ---------------------------------------------------------------- the driver
+
+    def _step(self, event: Event) -> None:
+        """Apply EVENT to the policy with the pools as they are now, and perform the effects in order."""
+        state = replace(self._state, pools=self._pool_views(), tenants=self._tenants())
+        self._state, effects = policy.step(state, event, self.clock.now(), self.rules)
+        for effect in effects:
+            self._apply(effect)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _apply(self, effect: Effect) -> None:
+        match effect:
+            case Dispatch():
+                self._dispatch(effect)
+            case Take():
+                self._taking[effect.engine] += 1
+                self._spawn_task(self._start(effect), f"start-{effect.key}")
+            case Stop():
+                self._stop(effect)
+            case Woke():
+                self._woke(effect.key)
+            case Fail():
+                self._fail(effect)
+
+    def _woke(self, key: Key) -> None:
+        fn = self._functions.get(key)
+        if fn is not None:
+            for listener in self._listeners:
+                listener(fn)
+
+    def _pool_views(self) -> dict[str, PoolView]:
+        """The pools as the policy sees them: their capacity read now, and the workers they hold for no replica
+        (pre-warmed, refilling), less the warm ones that takes already decided will get."""
+        views = {}
+        for engine in (PADDLE, LITE):
+            pool = self._pool(engine)
+            taking = self._taking[engine]
+            held = policy.held(self._state, engine) - taking  # taken or being taken, as the pool counts them
+            idle = sum(1 for w in pool.idle if w.alive)
+            views[engine] = PoolView(
+                capacity=pool.capacity,
+                unassigned=max(0, pool.used - held),
+                idle=max(0, idle - taking),
+                freeing=pool.freeing,
             )
-            for t, w in wanted.items()
+        return views
+
+    def _tenants(self) -> dict[str, Tenant]:
+        names = {f.spec.tenant for f in self._state.functions.values()}
+        return {
+            t: Tenant(
+                weight=self._weight_of(t) if self._weight_of else 1,
+                max_replicas=self._replica_quota(t) if self._replica_quota else None,
+            )
+            for t in names
         }
-        pool = self._pool(engine)
-        free = pool.capacity - pool.used + sum(1 for w in pool.idle if w.alive)
-        return Slots(pool.capacity, tenants, tuple(replicas), max(0, free))
 
-    def _victims(self, rs: ReplicaSet, engine: str) -> list[Replica]:
-        """Replicas that may be taken back for a start of RS, first to go first (functions/slots.py)."""
-        taken = reclaimable(self._slot_state(engine), rs.fn.tenant, rs.fn.key)
-        return [r for r in taken if isinstance(r, Replica)]
+    def _dispatch(self, effect: Dispatch) -> None:
+        waiters = self._waiters[effect.key]
+        replica = self._replicas[effect.replica]
+        # A request that gave up left the queue in the same step that told the policy (``_withdraw``).
+        waiters.popleft().set_result(replica)
 
-    def _evict_one(self, rs: ReplicaSet, engine: str = PADDLE) -> bool:
-        """Take one replica back to give its worker to a start of RS: beyond its tenant's fair share first."""
-        victims = self._victims(rs, engine)
-        if not victims:
-            return False
-        replica = victims[0]
-        victim = next(v for v in self._sets.values() if replica in v.replicas)
-        log.info(
-            "capacity pressure: a replica of %s stops to free a worker for %s", victim.fn.label, rs.fn.label
+    def _fail(self, effect: Fail) -> None:
+        waiters = self._waiters.get(effect.key, deque())
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():
+                future.set_exception(Unavailable(effect.message, retry_after=effect.retry_after))
+
+    def _stop(self, effect: Stop) -> None:
+        replica = self._replicas.get(effect.replica)
+        fn = self._functions.get(effect.key)
+        label = fn.label if fn else effect.key
+        if effect.cause in (Cause.EVICTED, Cause.SHED):
+            log.info("%s", effect.why)
+        else:
+            log.info("%s: a replica stops (%s: %s)", label, effect.cause.value, effect.why)
+        if replica is None or replica.worker is None:
+            return
+        worker = replica.worker
+        if effect.kill:
+            log.warning("%s: worker %d killed: %s", label, worker.id, effect.why)
+            worker.stopping = True
+            worker.kill()
+            return
+        grace = 1.0 if effect.cause == Cause.FAILED else 5.0
+        task = self._spawn_task(worker.stop(grace=grace), f"stop-worker-{worker.id}")
+        self._stops[effect.replica] = task
+        task.add_done_callback(lambda _: self._stops.pop(effect.replica, None))
+
+    async def _start(self, take: Take) -> None:
+        """Take a worker for a start the policy decided and load the function into it; the outcome is an event."""
+        pool = self._pool(take.engine)
+        self._taking[take.engine] -= 1
+        fn = self._functions.get(take.key)
+        if take.why:
+            log.info("%s: starting %s", fn.label if fn else take.key, take.why)
+        decided = self._state.replicas.get(take.replica)
+        if decided is None or decided.phase != Phase.LOADING:  # retired, or its function deleted, meanwhile
+            self._step(TakeFailed(take.replica))
+            return
+        if not (any(w.alive for w in pool.idle) or (not pool.freeing and pool.used < pool.capacity)):
+            # The pool changed since the decision: nothing is taken past its capacity. Look again once it moves.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pool.changed.wait(), 1.0)
+            self._step(TakeFailed(take.replica))
+            return
+        replica = Replica(take.replica, take.engine)
+        self._replicas[replica.id] = replica
+        try:
+            worker = await pool.take()
+        except NoCapacity:
+            del self._replicas[replica.id]
+            self._step(TakeFailed(take.replica))
+            return
+        except Exception as exc:
+            del self._replicas[replica.id]
+            self._start_failed(take, exc, holds_worker=False)
+            return
+        self._track(replica, worker)
+        if fn is None:
+            self._step(Loaded(replica.id))  # its function went away meanwhile: the policy stops it
+            return
+        try:
+            parameters = {**self._load_parameters(fn, take.engine), "warm_up": take.warm_up}
+            await worker.load(fn.name, parameters, timeout=self._cold_timeout(fn))
+        except Exception as exc:
+            self._start_failed(take, exc, holds_worker=True)
+            return
+        if take.why:
+            log.info("%s: %s ready (worker %d)", fn.label, take.why, worker.id)
+        self._step(Loaded(replica.id))
+
+    def _track(self, replica: Replica, worker: WorkerProcess | None = None) -> None:
+        if worker is not None:
+            replica.worker = worker
+        self._replicas[replica.id] = replica
+        if replica.worker is not None:
+            self._by_worker[replica.worker] = replica
+
+    def _start_failed(self, take: Take, exc: Exception, *, holds_worker: bool) -> None:
+        fn = self._functions.get(take.key)
+        label = fn.label if fn else str(take.key)
+        reason = str(exc) if isinstance(exc, (WorkerStartError, Unavailable, NoCapacity)) else repr(exc)
+        what = "a Lite fallback replica" if take.why else "a replica"
+        log.error("could not start %s of %s: %s", what, label, reason)
+        message = f"function {label} could not start: {reason}"
+        self._step(StartFailed(take.replica, take.key, message, holds_worker=holds_worker))
+
+    def _worker_exited(self, worker: WorkerProcess) -> None:
+        replica = self._by_worker.pop(worker, None)
+        if replica is None:
+            return
+        self._replicas.pop(replica.id, None)
+        self._step(Exited(replica.id, crashed=not worker.stopping))
+
+    # ---------------------------------------------------------------- requests
+
+    async def forward(self, fn: FunctionRecord, request: Outgoing) -> Forwarded:
+        self._known(fn)
+        asleep = not policy.of(self._state, fn.key, Phase.READY)
+        future: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
+        self._waiters[fn.key].append(future)
+        self._step(Arrive(fn.key))
+        cold_start: float | None = None
+        if future.done():
+            replica = future.result()
+        else:
+            started = self.clock.now()
+            timeout = request.cold_start_timeout_s if asleep else request.timeout_s
+            replica = await self._wait(fn, future, timeout, asleep)
+            if asleep:
+                cold_start = self.clock.now() - started
+        try:
+            return await self._post(fn, replica, request, cold_start)
+        finally:
+            self._step(Done(replica.id))
+
+    async def _wait(
+        self, fn: FunctionRecord, future: asyncio.Future[Replica], timeout: float, asleep: bool
+    ) -> Replica:
+        """The replica the policy gives FUTURE's request, within TIMEOUT; a request that gives up (or whose client
+        went away) leaves the queue and tells the policy, in one step."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            if future.done():  # given a replica at the last moment
+                return future.result()
+            self._withdraw(fn, future)
+            raise self._not_served(fn, timeout, asleep) from None
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._step(Done(future.result().id))
+            else:
+                self._withdraw(fn, future)
+            raise
+
+    def _withdraw(self, fn: FunctionRecord, future: asyncio.Future[Replica]) -> None:
+        waiters = self._waiters.get(fn.key, deque())
+        if future in waiters:
+            waiters.remove(future)
+            future.cancel()
+            self._step(GiveUp(fn.key))
+
+    def _not_served(self, fn: FunctionRecord, timeout: float, asleep: bool) -> Exception:
+        """What a request that waited TIMEOUT in vain is told: the truth about why."""
+        state = replace(self._state, pools=self._pool_views(), tenants=self._tenants())
+        why, retry = policy.waiting_for_slot(state, fn.key, self.clock.now(), self.rules)
+        if why is not None:
+            return Unavailable(
+                f"no worker slot for {fn.label} within {timeout:g} s: {why}; retry", retry_after=retry
+            )
+        if asleep:
+            return GatewayTimeout(
+                f"function {fn.label} did not wake within its cold-start timeout of {timeout:g} s"
+            )
+        return GatewayTimeout(f"no replica of {fn.label} was free within {timeout:g} s")
+
+    async def _post(
+        self, fn: FunctionRecord, replica: Replica, request: Outgoing, cold_start: float | None
+    ) -> Forwarded:
+        worker = replica.worker
+        assert worker is not None  # only replicas holding a worker are dispatched to
+        try:
+            status, body, answer_headers = await worker.post(
+                request.path, request.body, request.headers, request.timeout_s
+            )
+        except WorkerTimeout:
+            # It is still computing, and would make the next request time out too: replace it.
+            self._step(Overran(replica.id))
+            raise FunctionTimeout(
+                f"function {fn.label} took longer than {request.timeout_s:g} s to answer; its worker was "
+                "stopped and is replaced",
+                # To the microsecond, as workers report theirs: 16.1 * 1000 is 16100.000000000002 in floats,
+                # which the exact round-up to whole milliseconds would bill as 16101.
+                compute_ms=round(request.timeout_s * 1000, 3),
+            ) from None
+        except WorkerGone:
+            raise Unavailable(
+                f"the replica of {fn.label} stopped while handling this request "
+                f"({worker.exit_reason()}); retry",
+                retry_after=1,
+            ) from None
+        except WorkerUnreachable as exc:  # the platform's fault, not the replica's: say so
+            raise Unavailable(
+                f"could not reach the replica of {fn.label}: {exc}; retry", retry_after=1
+            ) from None
+        headers = {k: v for k in PASSED_RESPONSE_HEADERS if (v := answer_headers.get(k)) is not None}
+        return Forwarded(
+            status=status,
+            body=body,
+            headers=headers,
+            engine=answer_headers.get("x-paddlefn-engine", ""),
+            device=answer_headers.get("x-paddlefn-device", ""),
+            compute_ms=float(answer_headers.get("x-paddlefn-compute-ms", 0.0)),
+            cold_start_s=cold_start,
         )
-        victim.desired = max(0, victim.desired - 1)
-        self._retire(victim, replica)
-        return True
+
+    # ---------------------------------------------------------------- workers
 
     def _load_parameters(self, fn: FunctionRecord, engine: str) -> dict[str, Any]:
         # Absolute: a confined worker leaves its working folder for "/" (runtime.isolation).
@@ -637,103 +618,11 @@ class LocalBackend:
         up waiting (504) does not abandon the wake-up, so the next request finds the function warm."""
         return max(fn.config.cold_start_timeout_s or 0.0, self.settings.cold_start_timeout_s)
 
-    async def forward(self, fn: FunctionRecord, request: Outgoing) -> Forwarded:
-        rs = self._set(fn)
-        rs.last_used = time.monotonic()
-        cold_start: float | None = None
-        replica = rs.acquire_nowait()
-        if replica is None:
-            asleep = not rs.replicas and not rs.fallback
-            future = rs.wait()
-            if asleep and rs.starting == 0:
-                for listener in self._listeners:
-                    listener(fn)
-                await self.set_replicas(fn, max(rs.desired, 1))
-            if fn.config.fallback == "cold" and not rs.replicas:
-                self._want_fallback(rs, "the primary replica is cold-starting")
-            elif fn.config.fallback == "capacity" and rs.replicas and rs.starting == 0:
-                blocked = self._primary_blocked(rs)
-                if blocked:  # every primary replica is busy and no other can be had: Lite instead of a queue
-                    self._want_fallback(rs, blocked)
-            started = time.perf_counter()
-            timeout = request.cold_start_timeout_s if asleep else request.timeout_s
-            try:
-                replica = await asyncio.wait_for(future, timeout)
-            except TimeoutError:
-                if asleep:
-                    raise GatewayTimeout(
-                        f"function {fn.label} did not wake within its cold-start timeout of {timeout:g} s"
-                    ) from None
-                raise GatewayTimeout(f"no replica of {fn.label} was free within {timeout:g} s") from None
-            if asleep:
-                cold_start = time.perf_counter() - started
-        try:
-            status, body, answer_headers = await replica.worker.post(
-                request.path, request.body, request.headers, request.timeout_s
-            )
-        except WorkerTimeout:
-            # It is still computing, and would make the next request time out too: replace it.
-            self._kill(rs, replica, f"a request ran past its {request.timeout_s:g} s limit")
-            raise FunctionTimeout(
-                f"function {fn.label} took longer than {request.timeout_s:g} s to answer; its worker was "
-                "stopped and is replaced",
-                # To the microsecond, as workers report theirs: 16.1 * 1000 is 16100.000000000002 in floats,
-                # which the exact round-up to whole milliseconds would bill as 16101.
-                compute_ms=round(request.timeout_s * 1000, 3),
-            ) from None
-        except WorkerGone:
-            raise Unavailable(
-                f"the replica of {fn.label} stopped while handling this request "
-                f"({replica.worker.exit_reason()}); retry",
-                retry_after=1,
-            ) from None
-        except WorkerUnreachable as exc:  # the platform's fault, not the replica's: say so
-            raise Unavailable(
-                f"could not reach the replica of {fn.label}: {exc}; retry", retry_after=1
-            ) from None
-        finally:
-            self._release(rs, replica)
-        headers = {k: v for k in PASSED_RESPONSE_HEADERS if (v := answer_headers.get(k)) is not None}
-        return Forwarded(
-            status=status,
-            body=body,
-            headers=headers,
-            engine=answer_headers.get("x-paddlefn-engine", ""),
-            device=answer_headers.get("x-paddlefn-device", ""),
-            compute_ms=float(answer_headers.get("x-paddlefn-compute-ms", 0.0)),
-            cold_start_s=cold_start,
-        )
-
-    def _release(self, rs: ReplicaSet, replica: Replica) -> None:
-        replica.in_flight -= 1
-        replica.idle_since = time.monotonic()
-        rs.last_used = time.monotonic()
-        if replica.draining:
-            if replica.in_flight == 0 and replica.worker.alive:
-                self._spawn_task(replica.worker.stop(), f"stop-worker-{replica.worker.id}")
-        else:
-            rs.hand_out()
-
-    def _worker_exited(self, worker: WorkerProcess) -> None:
-        for rs in self._sets.values():
-            for replica in rs.fallback:
-                if replica.worker is worker:
-                    rs.fallback.remove(replica)
-                    return
-            for replica in rs.replicas:
-                if replica.worker is worker:
-                    rs.replicas.remove(replica)
-                    if not worker.stopping:
-                        # A crash: the next request wakes a fresh worker, as do requests already waiting.
-                        rs.desired = min(rs.desired, rs.count)
-                        if rs.waiters and rs.count == 0:
-                            self._spawn_task(self.set_replicas(rs.fn, 1), f"restart-{rs.fn.label}")
-                    return
-
-    def _spawn_task(self, coro: Any, name: str) -> None:
+    def _spawn_task(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 def _chown_tree(folder: Path, uid: int) -> None:

@@ -25,7 +25,7 @@ import pytest
 from aiohttp import web
 
 from functions.backends.base import Outgoing
-from functions.backends.local import LocalBackend, Replica
+from functions.backends.local import LocalBackend
 from functions.backends.pool import WorkerProcess
 from functions.errors import Unavailable, error_response
 from functions.registry import FunctionConfig, FunctionRecord
@@ -224,7 +224,7 @@ def test_a_platform_out_of_descriptors_answers_503_saying_so_not_that_the_replic
             id=1, tenant="bee", name="classify", status="ready", config=FunctionConfig(), version="v1",
             artifact_dir=tmp_path, manifest=None, error=None, created_at=now, updated_at=now,
         )  # fmt: skip
-        backend._set(fn).replicas.append(Replica(worker, slots=4))
+        backend.adopt(fn, worker)
         request = Outgoing("/v2/models/classify/infer", b"{}", {}, cold_start_timeout_s=5, timeout_s=5)
         try:
             with out_of_descriptors(), pytest.raises(Unavailable) as no_fds:
