@@ -80,7 +80,7 @@ def up(
     idle_timeout: Annotated[str | None, typer.Option(help="sleep after this idle time, e.g. 4s, 15m")] = None,
     pool_size: Annotated[int | None, typer.Option(help="pre-warmed workers kept ready [default: 2]")] = None,
     max_workers: Annotated[
-        int | None, typer.Option(help="most worker processes [default: 2 per core]")
+        int | None, typer.Option(help="most worker processes [default: what the memory budget holds]")
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, gpu or cpu [default: auto]")] = None,
     domain: Annotated[str | None, typer.Option(help="functions answer at FN.TENANT.DOMAIN")] = None,

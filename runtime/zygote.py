@@ -115,6 +115,7 @@ def _become(
         for fd in wake:
             os.close(fd)
         _name_process(b"pfn-prepare" if module == "runtime.prepare" else b"pfn-worker")
+        _only_own_descriptors(fds, lifeline_fd)
         if module == "runtime.prepare":
             os.setsid()  # its own process group: a timeout kills the Lite converter it starts as well
             for target, fd in enumerate(fds):
@@ -143,6 +144,32 @@ def _become(
             with contextlib.suppress(Exception):  # exiting anyway
                 stream.flush()
         os._exit(code)
+
+
+def _only_own_descriptors(fds: list[int], lifeline_fd: int) -> None:
+    """Leave the child only its own descriptors. Libraries imported by the template keep copies of its stdio
+    (duplicates of fds 0-2, opened at import): re-pointed at the child's own stdio (its last fd: the log, or the
+    preparation's stderr), so that one worker never writes into the template's log or holds its file. Anything
+    else the template had open is closed."""
+    own = fds[-1]
+    stdio = {}
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            info = os.fstat(fd)
+            stdio[(info.st_dev, info.st_ino)] = fd
+    keep = {0, 1, 2, lifeline_fd, *fds}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep:
+            continue
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            continue  # the descriptor of the listing itself, already closed
+        if (info.st_dev, info.st_ino) in stdio:
+            os.dup2(own, fd)
+        else:
+            os.close(fd)
 
 
 def _name_process(name: bytes) -> None:
