@@ -15,6 +15,8 @@ import os
 import shutil
 import time
 import uuid
+from collections import defaultdict
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -112,6 +114,10 @@ class Platform:
             settings.max_concurrent_deploys, settings.max_concurrent_deploys_per_tenant
         )
         self._deploying: dict[int, asyncio.Task[Any]] = {}  # by function id: cancelled when it is deleted
+        # Names of functions being created (upload checked, archive unpacking, row not yet inserted), by tenant.
+        # They count against max_functions and their names are taken, so a burst of deploys cannot all pass the
+        # check before any is registered. See _reserve_function.
+        self._creating: defaultdict[str, set[str]] = defaultdict(set)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.generated_admin_key: str | None = None  # set on a first start without PADDLEFN_ADMIN_KEY
         self.started_at = time.time()
@@ -331,11 +337,13 @@ class Platform:
 
     def _check_function_quota(self, tenant: str, config: FunctionConfig) -> None:
         limits = self.limits_of(tenant)
-        count = len(self.registry.of_tenant(tenant))
+        creating = len(self._creating.get(tenant, ()))
+        count = len(self.registry.of_tenant(tenant)) + creating
         if count >= limits.max_functions:
+            counted = f" (of which {creating} still being uploaded)" if creating else ""
             raise Forbidden(
-                f"tenant '{tenant}' has {count} functions, its plan's limit (max_functions={limits.max_functions}); "
-                "delete one or ask for a bigger plan"
+                f"tenant '{tenant}' has {count} functions{counted}, its plan's limit "
+                f"(max_functions={limits.max_functions}); delete one or ask for a bigger plan"
             )
         self._check_device(tenant, config)
         self._check_min_scale(tenant, config)
@@ -484,11 +492,35 @@ class Platform:
         problem = check_name("function", name)
         if problem:
             raise BadRequest(problem)
-        self._check_function_quota(tenant, config)
-        if self.registry.get(tenant, name) is not None:
+        with self._reserve_function(tenant, name, config):
+            return await self._create_function(tenant, tenant_id, name, upload, config)
+
+    @contextlib.contextmanager
+    def _reserve_function(self, tenant: str, name: str, config: FunctionConfig) -> Iterator[None]:
+        """Check the tenant's quotas and the name, and hold a place for the function until the block ends.
+
+        The check and the reservation are one step of the event loop (no await between them), and the place is
+        held across the awaited unpack until the function is in the registry (which then counts it) or the
+        create failed (the place is given back). The control plane is one process whose registry is the count
+        (the store is written first, and read back at start), so an in-process reservation is enough; on a
+        store transaction alone the unpack would run before the count, or hold a lock across it."""
+        if self.registry.get(tenant, name) is not None or name in self._creating.get(tenant, ()):
             raise Conflict(
                 f"function '{name}' already exists in tenant '{tenant}'; delete it first or pick a name"
             )
+        self._check_function_quota(tenant, config)
+        self._creating[tenant].add(name)
+        try:
+            yield
+        finally:
+            places = self._creating[tenant]
+            places.discard(name)
+            if not places:
+                del self._creating[tenant]
+
+    async def _create_function(
+        self, tenant: str, tenant_id: int, name: str, upload: IO[bytes], config: FunctionConfig
+    ) -> FunctionRecord:
         version = uuid.uuid4().hex[:12]
         relative = Path("tenants") / tenant / "functions" / name / version
         artifact_dir = self.settings.data_dir / relative
