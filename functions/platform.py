@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -113,6 +114,10 @@ class Platform:
         self._deploys = DeployQueue(
             settings.max_concurrent_deploys, settings.max_concurrent_deploys_per_tenant
         )
+        self._unpack_turns = DeployQueue(settings.max_concurrent_unpacks, 1)
+        self._unpackers = ThreadPoolExecutor(
+            max(1, settings.max_concurrent_unpacks), thread_name_prefix="unpack"
+        )
         self._deploying: dict[int, asyncio.Task[Any]] = {}  # by function id: cancelled when it is deleted
         # Names of functions being created (upload checked, archive unpacking, row not yet inserted), by tenant.
         # They count against max_functions and their names are taken, so a burst of deploys cannot all pass the
@@ -157,6 +162,7 @@ class Platform:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._unpackers.shutdown(wait=False, cancel_futures=True)
         self._flush_last_used()
         await self.backend.close()
         await self.ledger.close()
@@ -404,14 +410,18 @@ class Platform:
             return "cpu"
         return fn.config.device
 
-    def _check_storage(self, tenant: str, artifact_dir: Path) -> None:
-        limits = self.limits_of(tenant)
-        used = _folder_bytes(self.settings.data_dir / "tenants" / tenant)
-        if used > limits.max_storage_bytes:
-            shutil.rmtree(artifact_dir.parent, ignore_errors=True)
+    def _unpack_checked(
+        self, upload: IO[bytes], artifact_dir: Path, limits: archive.Limits, max_storage: int
+    ) -> None:
+        """Unpack the upload into ARTIFACT_DIR/model and check it (blocking: run in the unpack threads)."""
+        archive.unpack(upload, artifact_dir / "model", limits)
+        check_program(find_model(artifact_dir / "model"))  # no file, print or network ops (400 naming it)
+        tenant_dir = artifact_dir.parents[2]  # tenants/{tenant}/functions/{name}/{version}
+        used = _folder_bytes(tenant_dir)
+        if used > max_storage:
             raise PayloadTooLarge(
-                f"with this model tenant '{tenant}' would store {used} bytes of models, over its plan's "
-                f"max_storage_bytes={limits.max_storage_bytes}; delete a function first"
+                f"with this model tenant '{tenant_dir.name}' would store {used} bytes of models, over its "
+                f"plan's max_storage_bytes={max_storage}; delete a function first"
             )
 
     def list_tenants(self) -> list[Tenant]:
@@ -525,10 +535,14 @@ class Platform:
         relative = Path("tenants") / tenant / "functions" / name / version
         artifact_dir = self.settings.data_dir / relative
         limits = archive.Limits(self.settings.max_unpacked_bytes, self.settings.max_archive_files)
+        max_storage = self.limits_of(tenant).max_storage_bytes
         try:
-            await asyncio.to_thread(archive.unpack, upload, artifact_dir / "model", limits)
-            check_program(find_model(artifact_dir / "model"))  # no file, print or network ops (400 naming it)
-            self._check_storage(tenant, artifact_dir)
+            # Off the event loop, in threads of their own, and in turns by tenant: one tenant's burst of uploads
+            # unpacks one at a time and never queues another tenant's upload behind it.
+            async with self._unpack_turns.slot(tenant):
+                await asyncio.get_running_loop().run_in_executor(
+                    self._unpackers, self._unpack_checked, upload, artifact_dir, limits, max_storage
+                )
         except ModelFormatError as exc:
             shutil.rmtree(artifact_dir.parent, ignore_errors=True)
             raise BadRequest(str(exc)) from None
