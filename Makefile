@@ -53,7 +53,7 @@ lint: setup
 fuzz: setup
 	@mkdir -p bench/out
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-100} FUZZ_MAX_TIME=$${FUZZ_MAX_TIME:-300} FUZZ_REPORT=bench/out/fuzz.txt \
-		.venv/bin/pytest -q tests/test_openapi.py -k fuzzer
+		.venv/bin/pytest -q --timeout 0 tests/test_openapi.py -k fuzzer
 
 bench: setup
 	@echo "see bench/README.md"
