@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # machine has no PostgreSQL server binaries, postgresql (the store's PostgreSQL test).
 APT_PACKAGES := prometheus chromium curl
 
-.PHONY: demo test setup lite system-packages lint bench clean
+.PHONY: demo test setup lite system-packages lint bench fuzz clean
 
 demo: setup
 	.venv/bin/paddlefn demo
@@ -47,6 +47,13 @@ lint: setup
 	.venv/bin/ruff format --check .
 	.venv/bin/lint-imports
 	.venv/bin/mypy
+
+# Schemathesis against a running platform, seeded (tests/test_openapi.py): longer than the run in `make test`.
+# Fails on any 5xx or any answer the OpenAPI document does not describe; the report lands in bench/out/fuzz.txt.
+fuzz: setup
+	@mkdir -p bench/out
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-100} FUZZ_MAX_TIME=$${FUZZ_MAX_TIME:-300} FUZZ_REPORT=bench/out/fuzz.txt \
+		.venv/bin/pytest -q --timeout 0 tests/test_openapi.py -k fuzzer
 
 bench: setup
 	@echo "see bench/README.md"

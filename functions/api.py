@@ -274,6 +274,7 @@ def capacity(platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
     return result
 
 
+MAX_ID = 2**63 - 1  # the largest id the database holds: a bigger one is a 400, not a database error
 AuditFormat = Annotated[Literal["json", "jsonl"], Query(description="json, or jsonl to export")]
 AuditLimit = Annotated[int, Query(ge=1, le=100_000, description="newest entries to return")]
 
@@ -296,7 +297,9 @@ def all_audit(
     platform: PlatformDep,
     principal: PrincipalDep,
     tenant: Annotated[str | None, Query(description="every tenant ever of this name")] = None,
-    tenant_id: Annotated[int | None, Query(description="one tenant, also a deleted one")] = None,
+    tenant_id: Annotated[
+        int | None, Query(ge=1, le=MAX_ID, description="one tenant, also a deleted one")
+    ] = None,
     format: AuditFormat = "json",
     limit: AuditLimit = 1000,
 ) -> Any:

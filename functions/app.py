@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from functions import api, edge, gateway, stats, ui
+from functions import api, edge, gateway, openapi, stats, ui
 from functions.billing import routes as billing_routes
 from functions.errors import install_error_handlers
 from functions.platform import Platform
@@ -57,5 +57,6 @@ def create_app(
             instance.metrics.pending.labels(fn.tenant, fn.name).set(instance.backend.pending(fn))
         return Response(generate_latest(instance.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    openapi.install(app, settings)  # the data plane, /metrics, the portal and the real errors too
     app.add_middleware(gateway.HostRouting, domain=settings.domain)
     return app

@@ -15,6 +15,9 @@ import os
 import shutil
 import time
 import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -120,7 +123,15 @@ class Platform:
         self._deploys = DeployQueue(
             settings.max_concurrent_deploys, settings.max_concurrent_deploys_per_tenant
         )
+        self._unpack_turns = DeployQueue(settings.max_concurrent_unpacks, 1)
+        self._unpackers = ThreadPoolExecutor(
+            max(1, settings.max_concurrent_unpacks), thread_name_prefix="unpack"
+        )
         self._deploying: dict[int, asyncio.Task[Any]] = {}  # by function id: cancelled when it is deleted
+        # Names of functions being created (upload checked, archive unpacking, row not yet inserted), by tenant.
+        # They count against max_functions and their names are taken, so a burst of deploys cannot all pass the
+        # check before any is registered. See _reserve_function.
+        self._creating: defaultdict[str, set[str]] = defaultdict(set)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.generated_admin_key: str | None = None  # set on a first start without PADDLEFN_ADMIN_KEY
         self.started_at = time.time()
@@ -162,6 +173,7 @@ class Platform:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._unpackers.shutdown(wait=False, cancel_futures=True)
         self._flush_last_used()
         await self.backend.close()
         await self.ledger.close()
@@ -342,11 +354,13 @@ class Platform:
 
     def _check_function_quota(self, tenant: str, config: FunctionConfig) -> None:
         limits = self.limits_of(tenant)
-        count = len(self.registry.of_tenant(tenant))
+        creating = len(self._creating.get(tenant, ()))
+        count = len(self.registry.of_tenant(tenant)) + creating
         if count >= limits.max_functions:
+            counted = f" (of which {creating} still being uploaded)" if creating else ""
             raise Forbidden(
-                f"tenant '{tenant}' has {count} functions, its plan's limit (max_functions={limits.max_functions}); "
-                "delete one or ask for a bigger plan"
+                f"tenant '{tenant}' has {count} functions{counted}, its plan's limit "
+                f"(max_functions={limits.max_functions}); delete one or ask for a bigger plan"
             )
         self._check_device(tenant, config)
         self._check_min_scale(tenant, config)
@@ -407,14 +421,18 @@ class Platform:
             return "cpu"
         return fn.config.device
 
-    def _check_storage(self, tenant: str, artifact_dir: Path) -> None:
-        limits = self.limits_of(tenant)
-        used = _folder_bytes(self.settings.data_dir / "tenants" / tenant)
-        if used > limits.max_storage_bytes:
-            shutil.rmtree(artifact_dir.parent, ignore_errors=True)
+    def _unpack_checked(
+        self, upload: IO[bytes], artifact_dir: Path, limits: archive.Limits, max_storage: int
+    ) -> None:
+        """Unpack the upload into ARTIFACT_DIR/model and check it (blocking: run in the unpack threads)."""
+        archive.unpack(upload, artifact_dir / "model", limits)
+        check_program(find_model(artifact_dir / "model"))  # no file, print or network ops (400 naming it)
+        tenant_dir = artifact_dir.parents[2]  # tenants/{tenant}/functions/{name}/{version}
+        used = _folder_bytes(tenant_dir)
+        if used > max_storage:
             raise PayloadTooLarge(
-                f"with this model tenant '{tenant}' would store {used} bytes of models, over its plan's "
-                f"max_storage_bytes={limits.max_storage_bytes}; delete a function first"
+                f"with this model tenant '{tenant_dir.name}' would store {used} bytes of models, over its "
+                f"plan's max_storage_bytes={max_storage}; delete a function first"
             )
 
     def list_tenants(self) -> list[Tenant]:
@@ -495,19 +513,47 @@ class Platform:
         problem = check_name("function", name)
         if problem:
             raise BadRequest(problem)
-        self._check_function_quota(tenant, config)
-        if self.registry.get(tenant, name) is not None:
+        with self._reserve_function(tenant, name, config):
+            return await self._create_function(tenant, tenant_id, name, upload, config)
+
+    @contextlib.contextmanager
+    def _reserve_function(self, tenant: str, name: str, config: FunctionConfig) -> Iterator[None]:
+        """Check the tenant's quotas and the name, and hold a place for the function until the block ends.
+
+        The check and the reservation are one step of the event loop (no await between them), and the place is
+        held across the awaited unpack until the function is in the registry (which then counts it) or the
+        create failed (the place is given back). The control plane is one process whose registry is the count
+        (the store is written first, and read back at start), so an in-process reservation is enough; on a
+        store transaction alone the unpack would run before the count, or hold a lock across it."""
+        if self.registry.get(tenant, name) is not None or name in self._creating.get(tenant, ()):
             raise Conflict(
                 f"function '{name}' already exists in tenant '{tenant}'; delete it first or pick a name"
             )
+        self._check_function_quota(tenant, config)
+        self._creating[tenant].add(name)
+        try:
+            yield
+        finally:
+            places = self._creating[tenant]
+            places.discard(name)
+            if not places:
+                del self._creating[tenant]
+
+    async def _create_function(
+        self, tenant: str, tenant_id: int, name: str, upload: IO[bytes], config: FunctionConfig
+    ) -> FunctionRecord:
         version = uuid.uuid4().hex[:12]
         relative = Path("tenants") / tenant / "functions" / name / version
         artifact_dir = self.settings.data_dir / relative
         limits = archive.Limits(self.settings.max_unpacked_bytes, self.settings.max_archive_files)
+        max_storage = self.limits_of(tenant).max_storage_bytes
         try:
-            await asyncio.to_thread(archive.unpack, upload, artifact_dir / "model", limits)
-            check_program(find_model(artifact_dir / "model"))  # no file, print or network ops (400 naming it)
-            self._check_storage(tenant, artifact_dir)
+            # Off the event loop, in threads of their own, and in turns by tenant: one tenant's burst of uploads
+            # unpacks one at a time and never queues another tenant's upload behind it.
+            async with self._unpack_turns.slot(tenant):
+                await asyncio.get_running_loop().run_in_executor(
+                    self._unpackers, self._unpack_checked, upload, artifact_dir, limits, max_storage
+                )
         except ModelFormatError as exc:
             shutil.rmtree(artifact_dir.parent, ignore_errors=True)
             raise BadRequest(str(exc)) from None

@@ -125,6 +125,9 @@ class Settings:
     max_concurrent_deploys_per_tenant: int = 1
     """Deploys of one tenant prepared at once; waiting tenants take turns (round-robin), so one tenant's burst
     of deploys never holds every deploy slot."""
+    max_concurrent_unpacks: int = 4
+    """Uploaded archives unpacked and checked at once (in threads of their own, before the deploy queue); each
+    tenant unpacks one at a time and tenants take turns, so one tenant's burst of uploads never holds another's."""
     tenant_max_processes: int = 256
     """Processes and threads that one tenant's confined workers and deploys may run at once (RLIMIT_NPROC of
     its user): a fork bomb stops there."""

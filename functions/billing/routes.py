@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
+from fastapi import Path as PathParam
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import select
 
-from functions.api import PlatformDep, PrincipalDep
+from functions.api import MAX_ID, PlatformDep, PrincipalDep
 from functions.auth import MANAGE
 from functions.billing import invoices
 from functions.billing.service import Account
@@ -94,7 +95,7 @@ def deleted_tenants(platform: PlatformDep, principal: PrincipalDep) -> dict[str,
 
 @router.get("/deleted-tenants/{tenant_id}/invoices/{period}", response_model=None)
 async def deleted_tenant_invoice(
-    tenant_id: int,
+    tenant_id: Annotated[int, PathParam(ge=1, le=MAX_ID, description="the deleted tenant's id")],
     period: str,
     platform: PlatformDep,
     principal: PrincipalDep,
