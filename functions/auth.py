@@ -24,7 +24,7 @@ INVOKE = "invoke"
 TENANT_SCOPES = frozenset({MANAGE, INVOKE})
 ENV_ADMIN_ID = "env-admin"  # the key given in PADDLEFN_ADMIN_KEY, which may have any form
 
-_KEY = re.compile(r"^pfn_([0-9a-f]{12})_([A-Za-z0-9_-]{20,})$")
+_KEY = re.compile(r"pfn_([0-9a-f]{12})_([A-Za-z0-9_-]{20,})")  # matched whole (fullmatch)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class KeyRing:
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
         token = token.strip()
-        match = _KEY.match(token)
+        match = _KEY.fullmatch(token)
         if match and match.group(1) in self._keys:
             key_id, secret = match.group(1), match.group(2)
         else:  # PADDLEFN_ADMIN_KEY may be any string, our format included

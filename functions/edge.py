@@ -34,6 +34,7 @@ from sqlalchemy import select, update
 from starlette.background import BackgroundTask
 from starlette.responses import FileResponse
 
+from functions import names
 from functions.api import PlatformDep, PrincipalDep
 from functions.auth import MANAGE, hash_secret
 from functions.billing.ledger import row_of
@@ -50,7 +51,7 @@ MAX_RECORDS = 500  # runtime.lite.edge.UPLOAD_BATCH
 MAX_BODY_BYTES = 4 * 1024 * 1024  # 500 records are ~200 KB
 KEY_HEADER = "x-paddlefn-device-key"
 BUNDLE_HEADER = "x-paddlefn-bundle-id"
-_KEY = re.compile(r"^pfe_(e[0-9a-f]{10})_([A-Za-z0-9_-]{20,})$")
+_KEY = re.compile(r"pfe_(e[0-9a-f]{10})_([A-Za-z0-9_-]{20,})")  # matched whole (fullmatch)
 
 
 class BundleIn(BaseModel):
@@ -119,7 +120,7 @@ async def create_bundle(
         out,
         status_code=201,
         media_type="application/gzip",
-        filename=f"{fn.name}-{bundle_id}.tar.gz",
+        filename=names.file_name(f"{fn.name}-{bundle_id}.tar.gz"),
         headers={KEY_HEADER: device_key, BUNDLE_HEADER: bundle_id, "cache-control": "no-store"},
         background=BackgroundTask(_remove, out),
     )
@@ -169,7 +170,7 @@ def authenticate_device(platform: Platform, authorization: str | None) -> tuple[
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send the bundle's device key as 'Authorization: Bearer <device key>'")
-    match = _KEY.match(token.strip())
+    match = _KEY.fullmatch(token.strip())
     row = tenant = None
     if match:
         with platform.store.session() as s:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
-from functions import archive
+from functions import archive, names
 from functions.activator import Activator
 from functions.admission import TenantAdmission
 from functions.audit import SYSTEM, AuditLog
@@ -45,7 +45,6 @@ from functions.registry import (
     FunctionConfig,
     FunctionRecord,
     Registry,
-    check_name,
 )
 from functions.settings import Settings
 from functions.store import ApiKey, DeletedTenant, Function, Store, Tenant
@@ -267,9 +266,7 @@ class Platform:
     # ---------------------------------------------------------------- tenants and keys
 
     def create_tenant(self, name: str) -> tuple[Tenant, ApiKey, NewKey]:
-        problem = check_name("tenant", name)
-        if problem:
-            raise BadRequest(problem)
+        names.check("tenant", name)
         key = new_key()
         try:
             with self.store.session() as s:
@@ -291,7 +288,7 @@ class Platform:
         return plan or DEFAULT_PLAN
 
     def set_plan(self, tenant: str, plan: str) -> None:
-        self.plans.get(plan)  # 404 for an unknown plan
+        self.plans.get(names.check("plan", plan))  # 404 for an unknown plan
         with self.store.session() as s:
             row = s.scalar(select(Tenant).where(Tenant.name == tenant))
             if row is None:
@@ -300,7 +297,7 @@ class Platform:
         self._limits.clear()
 
     def put_plan(self, name: str, raw: dict[str, Any]) -> Any:
-        plan = self.plans.put(name, raw)
+        plan = self.plans.put(names.check("plan", name), raw)
         self._limits.clear()
         return plan
 
@@ -438,6 +435,7 @@ class Platform:
     def create_key(
         self, tenant: str, tenant_id: int, name: str, scopes: list[str] | None
     ) -> tuple[ApiKey, NewKey]:
+        names.check("key", name)
         try:
             parsed = parse_scopes(scopes)
         except ValueError as exc:
@@ -481,9 +479,7 @@ class Platform:
     async def create_function(
         self, tenant: str, tenant_id: int, name: str, upload: IO[bytes], config: FunctionConfig
     ) -> FunctionRecord:
-        problem = check_name("function", name)
-        if problem:
-            raise BadRequest(problem)
+        names.check("function", name)
         self._check_function_quota(tenant, config)
         if self.registry.get(tenant, name) is not None:
             raise Conflict(

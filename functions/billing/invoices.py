@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from functions import names
 from functions.billing.ledger import Line
 from functions.billing.pricing import Prices, compute_charge, format_money, request_charge
-
-PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 
 
 def parse_period(text: str) -> tuple[datetime, datetime]:
     """``"2026-11"`` -> (start, end) of that month in UTC; ValueError with the expected form otherwise."""
-    match = PERIOD.match(text)
-    if not match:
-        raise ValueError(f"'{text}' is not a month: use YYYY-MM, e.g. 2026-11")
-    year, month = int(match.group(1)), int(match.group(2))
+    if message := names.problem("period", text):
+        raise ValueError(message)
+    year, month = int(text[:4]), int(text[5:])
     start = datetime(year, month, 1, tzinfo=UTC)
     end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
     return start, end

@@ -11,6 +11,7 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import select
 
+from functions import names
 from functions.api import PlatformDep, PrincipalDep
 from functions.auth import MANAGE
 from functions.billing import invoices
@@ -67,7 +68,7 @@ async def _invoice(
         raise BadRequest("format must be json or csv")
     document = await platform.billing.invoice(account, period)
     if format == "csv":
-        filename = f"invoice-{account.name}-{period}.csv"
+        filename = names.file_name(f"invoice-{account.name}-{period}.csv")
         return PlainTextResponse(invoices.to_csv(document), media_type="text/csv",
                                  headers={"content-disposition": f'attachment; filename="{filename}"'})  # fmt: skip
     return document
