@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from functions import api, edge, gateway, stats, ui
+from functions import api, bounds, edge, gateway, stats, ui
 from functions.billing import routes as billing_routes
 from functions.errors import install_error_handlers
 from functions.platform import Platform
 from functions.settings import Settings
+
+# Routes whose bodies are not small JSON, each with a limit of its own that it enforces while it reads: model
+# uploads (max_upload_bytes and the plan's max_model_bytes) and edge usage uploads (edge.MAX_BODY_BYTES).
+OWN_BODY_LIMITS = [
+    ("POST", re.compile(r"/v1/tenants/[^/]+/functions")),
+    ("POST", re.compile(r"/v1/edge/usage")),
+]
 
 
 def create_app(
@@ -58,4 +66,8 @@ def create_app(
         return Response(generate_latest(instance.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_middleware(gateway.HostRouting, domain=settings.domain)
+    limit = settings.max_json_bytes
+    app.add_middleware(
+        bounds.BodyLimit, limit=limit, exempt=OWN_BODY_LIMITS, setting="PADDLEFN_MAX_JSON_BYTES"
+    )
     return app

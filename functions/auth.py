@@ -15,6 +15,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
+from functions.bounds import shown
 from functions.errors import Unauthorized
 from functions.store.models import utcnow
 
@@ -67,7 +68,7 @@ def parse_scopes(scopes: list[str] | None) -> frozenset[str]:
         return TENANT_SCOPES
     unknown = sorted(set(scopes) - TENANT_SCOPES)
     if unknown:
-        raise ValueError(f"unknown scope(s) {unknown}; a tenant key may have: {sorted(TENANT_SCOPES)}")
+        raise ValueError(f"unknown scope(s) {shown(unknown)}; a tenant key may have: {sorted(TENANT_SCOPES)}")
     return frozenset(scopes)
 
 

@@ -38,6 +38,7 @@ from functions import names
 from functions.api import PlatformDep, PrincipalDep
 from functions.auth import MANAGE, hash_secret
 from functions.billing.ledger import row_of
+from functions.bounds import clip, shown
 from functions.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthorized
 from functions.platform import Platform
 from functions.registry import READY
@@ -113,9 +114,10 @@ async def create_bundle(
         except BaseException:
             out.unlink(missing_ok=True)
             raise
+        lite_version = clip(str(lite.get("version", "")), 16)
         with platform.store.session() as s:
             s.add(EdgeDevice(bundle_id=bundle_id, tenant_id=tenant_id, function=fn.name, target=body.target,
-                             secret_hash=hash_secret(secret), lite_version=str(lite.get("version", ""))))  # fmt: skip
+                             secret_hash=hash_secret(secret), lite_version=lite_version))  # fmt: skip
     return FileResponse(
         out,
         status_code=201,
@@ -202,7 +204,7 @@ async def upload_usage(request: Request, platform: PlatformDep) -> dict[str, Any
         raise BadRequest('the body must be a JSON object {"bundle_id": "...", "records": [...]}')
     if body.get("bundle_id") != device.bundle_id:
         raise BadRequest(
-            f"bundle_id: {body.get('bundle_id')!r} is not the bundle of this device key ({device.bundle_id})"
+            f"bundle_id: {shown(body.get('bundle_id'))} is not the bundle of this device key ({device.bundle_id})"
         )
     raw = body.get("records")
     if not isinstance(raw, list):
@@ -217,7 +219,7 @@ async def upload_usage(request: Request, platform: PlatformDep) -> dict[str, Any
         raise BadRequest("; ".join(_problem(e) for e in exc.errors()[:5])) from None
     for i, record in enumerate(records):
         if record.bundle_id is not None and record.bundle_id != device.bundle_id:
-            raise BadRequest(f"records[{i}].bundle_id: {record.bundle_id!r} is not {device.bundle_id!r}")
+            raise BadRequest(f"records[{i}].bundle_id: {shown(record.bundle_id)} is not {device.bundle_id!r}")
     rows = [_row(record, tenant, device) for record in records]
     new = await platform.ledger.add_external(rows) if rows else 0
     with platform.store.session() as s:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
 from functions.billing.pricing import Prices
+from functions.bounds import clip, shown
 from functions.errors import BadRequest, NotFound
 from functions.store import Plan as PlanRow
 from functions.store import Store
@@ -55,8 +56,9 @@ class Plan(BaseModel):
 
 def _problems(exc: ValidationError) -> str:
     return "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg'].removeprefix('Value error, ')}"
-        for e in exc.errors()
+        f"{'.'.join(shown(p, 40) if len(str(p)) > 40 else str(p) for p in e['loc']) or 'plan'}: "
+        f"{clip(e['msg'].removeprefix('Value error, '), 200)}"
+        for e in exc.errors()[:10]
     )
 
 

@@ -32,6 +32,7 @@ from functions.autoscaler import Autoscaler
 from functions.backends.base import Backend
 from functions.billing.ledger import Ledger
 from functions.billing.service import Billing
+from functions.bounds import clip, shown
 from functions.deploy import DeployFailed
 from functions.deployqueue import DeployQueue
 from functions.errors import BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized
@@ -56,12 +57,14 @@ from runtime.program_check import check_program
 from runtime.spec import Manifest
 
 log = logging.getLogger("paddlefn")
+MAX_ERROR_CHARS = 4000  # a function's stored deploy error
 
 
 def config_errors(exc: ValidationError) -> str:
     return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-        for e in exc.errors()
+        f"{'.'.join(shown(p, 40) if len(str(p)) > 40 else str(p) for p in e['loc']) or 'config'}: "
+        f"{e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()[:10]
     )
 
 
@@ -549,6 +552,7 @@ class Platform:
             # Lite was asked for (on deploy, or by a PATCH meanwhile), and this model cannot be served by it.
             manifest, error = None, problem
         status = READY if manifest else FAILED
+        error = None if error is None else clip(error, MAX_ERROR_CHARS)  # it may carry a preparation's output
         if manifest is not None:
             # READY means warm: the first replica starts (and the backend waits for it) before anyone is told.
             ready = dataclasses.replace(current, status=READY, error=None, manifest=manifest)

@@ -16,6 +16,7 @@ from functions.api import PlatformDep, PrincipalDep
 from functions.auth import MANAGE
 from functions.billing import invoices
 from functions.billing.service import Account
+from functions.bounds import shown
 from functions.errors import BadRequest, NotFound
 from functions.platform import Platform
 from functions.store import DeletedTenant
@@ -32,7 +33,7 @@ def _time(value: str | None, name: str) -> datetime | None:
         return datetime.fromisoformat(text)
     except ValueError:
         raise BadRequest(
-            f"{name}={value!r} is not a time: use ISO 8601 such as 2026-11-01T00:00:00Z"
+            f"{name}={shown(value)} is not a time: use ISO 8601 such as 2026-11-01T00:00:00Z"
         ) from None
 
 

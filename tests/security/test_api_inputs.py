@@ -7,8 +7,12 @@ Through a real platform process on a real socket, as the attacks were made; the 
 from __future__ import annotations
 
 import io
+import json
+import select
+import socket
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,8 +20,11 @@ from types import SimpleNamespace
 import pytest
 
 from functions import names
+from functions.bounds import MAX_MESSAGE_CHARS
 from scaler import wake
-from tests.conftest import PlatformProcess, Tenant, free_port, make_tenant, platform_env
+from tests.conftest import ADMIN_KEY, PlatformProcess, Tenant, free_port, make_tenant, platform_env
+
+MiB = 1024 * 1024
 
 
 def this_month() -> str:
@@ -30,6 +37,71 @@ def model_tar(model: Path) -> bytes:
         for path in sorted(model.iterdir()):
             tar.add(path, arcname=path.name)
     return buffer.getvalue()
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    sent: int  # body bytes the server took before it answered
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+def raw_request(
+    p: PlatformProcess,
+    method: str,
+    path: str,
+    body: bytes,
+    *,
+    key: str = ADMIN_KEY,
+    chunked: bool = False,
+    declare: int | None = None,
+) -> Answer:
+    """METHOD PATH with BODY on a plain socket, sent in 64 KiB pieces until the server answers (an HTTP client
+    would fail writing once the server closes, before it reads the answer). DECLARE: the Content-Length sent."""
+    head = [f"{method} {path} HTTP/1.1", f"host: 127.0.0.1:{p.port}", f"authorization: Bearer {key}",
+            "content-type: application/json"]  # fmt: skip
+    head.append("transfer-encoding: chunked" if chunked else f"content-length: {declare or len(body)}")
+    sent = 0
+    with socket.create_connection(("127.0.0.1", p.port), timeout=30) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        for start in range(0, len(body), 64 * 1024):
+            if select.select([sock], [], [], 0)[0]:
+                break  # the answer is there: stop sending
+            piece = body[start : start + 64 * 1024]
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(piece)
+        else:
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + _length(data):
+            try:
+                more = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not more:
+                break
+            data += more
+    head_text, _, rest = data.partition(b"\r\n\r\n")
+    lines = head_text.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return Answer(
+        int(lines[0].split()[1]), headers, rest[: int(headers.get("content-length", len(rest)))], sent
+    )
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +217,82 @@ def test_a_period_ending_in_a_newline_is_a_400_not_a_dropped_connection(platform
 def test_a_file_name_in_a_header_keeps_only_safe_characters():
     assert names.file_name("invoice-acme-2026-12.csv") == "invoice-acme-2026-12.csv"
     assert names.file_name('invoice-xss\n"; x=1-2026-12.csv') == "invoice-xss____x_1-2026-12.csv"
+
+
+# ---------------------------------------------------------------------------- 5. bounded bodies, messages, records
+
+
+def test_a_10_mb_tenant_name_is_a_413_on_its_length_alone(platform):
+    with platform.admin() as admin:
+        before = admin.get("/v1/audit").json()["entries"]
+    size = len(json.dumps({"name": "a" * (10 * MiB)}))
+    answer = raw_request(platform, "POST", "/v1/tenants", b"", declare=size)  # the head only: no byte of body
+    assert answer.status == 413
+    assert answer.headers["connection"] == "close"
+    message = answer.json()["error"]
+    assert f"{size} bytes" in message and f"at most {MiB} bytes (PADDLEFN_MAX_JSON_BYTES)" in message
+    with platform.admin() as admin:
+        assert admin.get("/v1/audit").json()["entries"] == before  # the app never saw it
+
+
+def test_a_50_mb_patch_without_a_length_is_cut_off_once_it_passes_the_limit(platform, acme):
+    body = b'{"idle_timeout_s": 60, "pad": "' + b"x" * (50 * MiB) + b'"}'
+    answer = raw_request(
+        platform, "PATCH", "/v1/tenants/acme/functions/nope", body, key=acme.key, chunked=True
+    )
+    assert answer.status == 413, answer.body
+    assert (
+        answer.sent < 25 * MiB
+    )  # refused while reading (what was sent sat in socket buffers), not at the end
+    assert f"over {MiB} bytes" in answer.json()["error"]
+    # and the control plane answers at once, to this tenant and to others
+    assert acme.http.get("/v1/tenants/acme").status_code == 200
+
+
+def test_a_body_within_the_limit_still_works_sent_whole_or_chunked(platform, acme):
+    body = json.dumps({"name": "ci"}).encode()
+    for chunked in (False, True):
+        answer = raw_request(platform, "POST", "/v1/tenants/acme/keys", body, key=acme.key, chunked=chunked)
+        assert answer.status == 201, answer.body
+        assert answer.json()["name"] == "ci"
+
+
+def test_a_long_name_under_the_body_limit_is_refused_with_a_short_message_and_a_short_audit_entry(platform):
+    name = "a" * (900 * 1024)
+    with platform.admin() as admin:
+        for _ in range(5):
+            r = admin.post("/v1/tenants", json={"name": name})
+            assert r.status_code == 400
+            assert len(r.text) < 500 and f"({len(name)} characters) is not valid" in r.json()["error"]
+        entries = admin.get("/v1/audit", params={"limit": 5}).json()["entries"]
+        audit = admin.get("/v1/audit")
+    assert [e["action"] for e in entries] == ["tenant.create"] * 5
+    for e in entries:
+        assert e["outcome"] == "refused" and len(e["tenant"]) <= 63 and len(e["detail"]) < 500
+    assert len(audit.content) < 100_000  # it was 51 MB after five 10 MB names
+
+
+def test_error_messages_are_cut_short_wherever_they_come_from(platform, acme):
+    long_key = "k" * 100_000
+    r = acme.http.patch("/v1/tenants/acme/functions/nope", json={long_key: 1})
+    assert r.status_code == 404 and len(r.text) < MAX_MESSAGE_CHARS + 50
+    with platform.admin() as admin:
+        r = admin.put("/v1/plans/big", json={"limits": {long_key: 1}, "prices": {"currency": "x" * 100_000}})
+        assert r.status_code == 400 and len(r.text) < MAX_MESSAGE_CHARS + 50
+        assert "characters)" in r.json()["error"]
+        r = admin.post("/v1/tenants", json={"name": ["x" * 100_000]})
+        assert r.status_code == 400 and len(r.text) < MAX_MESSAGE_CHARS + 50
+    r = acme.http.get(f"/v1/tenants/acme/usage?start={'9' * 20_000}")
+    assert r.status_code == 400 and len(r.text) < MAX_MESSAGE_CHARS + 50
+
+
+def test_model_uploads_keep_their_own_limit_above_the_json_one(platform, acme, models):
+    archive = model_tar(models["mlp"])
+    padded = archive + b"\0" * (2 * MiB)  # over max_json_bytes: still an upload, judged by the upload limit
+    r = acme.http.post(
+        "/v1/tenants/acme/functions",
+        data={"name": "big", "config": "{}"},
+        files={"model": ("model.tar.gz", padded, "application/gzip")},
+    )
+    assert r.status_code == 202, r.text  # gzip ignores zero padding: a valid upload over 1 MiB
+    assert acme.http.delete("/v1/tenants/acme/functions/big").status_code == 204
