@@ -118,7 +118,9 @@ async def delete_tenant(tenant: str, platform: PlatformDep, principal: Principal
 
 
 @router.post("/tenants/{tenant}/keys", status_code=201)
-def create_key(tenant: str, body: KeyIn, platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
+async def create_key(
+    tenant: str, body: KeyIn, platform: PlatformDep, principal: PrincipalDep
+) -> dict[str, Any]:
     tenant_id = platform.tenant_for(principal, tenant, MANAGE)
     with platform.audit.change(actor(principal), tenant, "key.create", body.name):
         row, key = platform.create_key(tenant, tenant_id, body.name, body.scopes)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from functions import archive, names
@@ -438,13 +438,25 @@ class Platform:
     def create_key(
         self, tenant: str, tenant_id: int, name: str, scopes: list[str] | None
     ) -> tuple[ApiKey, NewKey]:
+        """A new key, if the tenant is below its plan's max_keys. Called on the event loop (not in a thread), so
+        two creations cannot both pass the count."""
         names.check("key", name)
         try:
             parsed = parse_scopes(scopes)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        cap = self.limits_of(tenant).max_keys
         key = new_key()
         with self.store.session() as s:
+            active = s.scalar(
+                select(func.count()).select_from(ApiKey)
+                .where(ApiKey.tenant_id == tenant_id, ApiKey.revoked_at.is_(None))
+            )  # fmt: skip
+            if (active or 0) >= cap:
+                raise Conflict(
+                    f"tenant '{tenant}' has {active} active API keys, its plan's limit (max_keys={cap}); "
+                    f"revoke one first (DELETE /v1/tenants/{tenant}/keys/{{id}})"
+                )
             row = ApiKey(id=key.id, tenant_id=tenant_id, name=name, secret_hash=key.secret_hash,
                          scopes=",".join(sorted(parsed)))  # fmt: skip
             s.add(row)
@@ -463,6 +475,16 @@ class Platform:
             if row is None or row.revoked_at is not None:
                 raise NotFound(f"key '{key_id}' not found")
             row.revoked_at = utcnow()
+            s.flush()
+            keep = self.limits_of(s.scalar(select(Tenant.name).where(Tenant.id == tenant_id)) or "").max_keys
+            # The list keeps the max_keys most recently revoked keys, so that revoking and creating keys over
+            # and over does not grow it without end; the audit log has the rest.
+            forgotten = s.scalars(
+                select(ApiKey.id).where(ApiKey.tenant_id == tenant_id, ApiKey.revoked_at.is_not(None))
+                .order_by(ApiKey.revoked_at.desc(), ApiKey.id).offset(keep)
+            ).all()  # fmt: skip
+            if forgotten:
+                s.execute(delete(ApiKey).where(ApiKey.id.in_(forgotten)))
         self.keys.remove(key_id)
 
     # ---------------------------------------------------------------- functions

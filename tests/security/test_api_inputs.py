@@ -296,3 +296,36 @@ def test_model_uploads_keep_their_own_limit_above_the_json_one(platform, acme, m
     )
     assert r.status_code == 202, r.text  # gzip ignores zero padding: a valid upload over 1 MiB
     assert acme.http.delete("/v1/tenants/acme/functions/big").status_code == 204
+
+
+# ---------------------------------------------------------------------------- 6. a cap on keys per tenant
+
+
+def test_the_default_plan_allows_20_keys_and_says_so(platform, acme):
+    assert acme.http.get("/v1/tenants/acme").json()["limits"]["max_keys"] == 20
+
+
+def test_keys_beyond_the_plans_max_keys_are_a_409_until_one_is_revoked(platform):
+    capped = make_tenant(platform, "capped")
+    with platform.admin() as admin:
+        assert admin.put("/v1/plans/few-keys", json={"limits": {"max_keys": 3}}).status_code == 200
+        assert admin.put("/v1/tenants/capped/plan", json={"plan": "few-keys"}).status_code == 200
+    made = [capped.http.post("/v1/tenants/capped/keys", json={"name": f"k{i}"}) for i in range(2)]
+    assert [r.status_code for r in made] == [201, 201]  # with the first key: 3
+
+    r = capped.http.post("/v1/tenants/capped/keys", json={"name": "one too many"})
+    assert r.status_code == 409
+    assert "3 active API keys" in r.json()["error"] and "max_keys=3" in r.json()["error"]
+    assert "revoke one" in r.json()["error"]
+
+    # revoking frees a place; churning keys keeps the list bounded (active + the newest revoked ones)
+    victim = made[0].json()["id"]
+    for i in range(8):
+        assert capped.http.delete(f"/v1/tenants/capped/keys/{victim}").status_code == 204
+        r = capped.http.post("/v1/tenants/capped/keys", json={"name": f"churn{i}"})
+        assert r.status_code == 201, r.text
+        victim = r.json()["id"]
+    listed = capped.http.get("/v1/tenants/capped/keys").json()["keys"]
+    assert len([k for k in listed if k["revoked_at"] is None]) == 3
+    assert len([k for k in listed if k["revoked_at"] is not None]) == 3
+    assert capped.http.post("/v1/tenants/capped/keys", json={}).status_code == 409
