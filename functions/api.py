@@ -42,7 +42,9 @@ class TenantIn(BaseModel):
 
 class KeyIn(BaseModel):
     name: str = Field("", max_length=100, description="what the key is for")
-    scopes: list[str] | None = Field(None, description="subset of ['invoke', 'manage']; default both")
+    scopes: list[str] | None = Field(
+        None, description="some of ['invoke', 'manage']; left out or null: both; an empty list is refused"
+    )
 
 
 def actor(principal: Principal | None) -> str:

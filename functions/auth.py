@@ -64,8 +64,13 @@ def hash_secret(secret: str) -> str:
 
 
 def parse_scopes(scopes: list[str] | None) -> frozenset[str]:
-    if not scopes:
+    """None (not given) means every tenant scope; an empty list grants nothing, so it is refused, not widened."""
+    if scopes is None:
         return TENANT_SCOPES
+    if not scopes:
+        raise ValueError(
+            f"scopes is empty: give some of {sorted(TENANT_SCOPES)}, or leave scopes out for a key with both"
+        )
     unknown = sorted(set(scopes) - TENANT_SCOPES)
     if unknown:
         raise ValueError(f"unknown scope(s) {shown(unknown)}; a tenant key may have: {sorted(TENANT_SCOPES)}")

@@ -329,3 +329,39 @@ def test_keys_beyond_the_plans_max_keys_are_a_409_until_one_is_revoked(platform)
     assert len([k for k in listed if k["revoked_at"] is None]) == 3
     assert len([k for k in listed if k["revoked_at"] is not None]) == 3
     assert capped.http.post("/v1/tenants/capped/keys", json={}).status_code == 409
+
+
+# ---------------------------------------------------------------------------- 7. scopes say what they grant
+
+
+@pytest.fixture(scope="module")
+def scoped(shared: SimpleNamespace) -> Tenant:
+    return make_tenant(shared.platform, "scoped")
+
+
+@pytest.mark.parametrize(
+    ("scopes", "status", "granted", "says"),
+    [
+        ([], 400, None, "scopes is empty"),  # it used to grant both
+        (["admin"], 400, None, "unknown scope"),
+        (["invoke", "bogus"], 400, None, "unknown scope"),
+        (["invoke"], 201, ["invoke"], None),
+        (["manage", "invoke"], 201, ["invoke", "manage"], None),
+        (None, 201, ["invoke", "manage"], None),
+        ("left out", 201, ["invoke", "manage"], None),
+    ],
+)
+def test_scopes_are_what_was_asked_and_an_empty_list_is_refused(
+    platform, scoped, scopes, status, granted, says
+):
+    with platform.admin() as admin:
+        before = len(admin.get("/v1/tenants/scoped/keys").json()["keys"])
+        body = {"name": "s"} if scopes == "left out" else {"name": "s", "scopes": scopes}
+        r = admin.post("/v1/tenants/scoped/keys", json=body)
+        assert r.status_code == status, r.text
+        if granted is not None:
+            assert r.json()["scopes"] == granted
+            assert admin.delete(f"/v1/tenants/scoped/keys/{r.json()['id']}").status_code == 204
+        else:
+            assert says in r.json()["error"] and "invoke" in r.json()["error"]
+            assert len(admin.get("/v1/tenants/scoped/keys").json()["keys"]) == before
