@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp
 
-from functions import api, bounds, edge, gateway, stats, ui
+from functions import api, bounds, edge, gateway, headers, stats, ui
 from functions.billing import routes as billing_routes
 from functions.errors import install_error_handlers
 from functions.platform import Platform
@@ -21,6 +22,14 @@ OWN_BODY_LIMITS = [
     ("POST", re.compile(r"/v1/tenants/[^/]+/functions")),
     ("POST", re.compile(r"/v1/edge/usage")),
 ]
+
+
+class PlatformApp(FastAPI):
+    """FastAPI with the security headers outside its whole middleware stack, so that they are on every answer,
+    the 500s of its outermost error middleware included."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return headers.SecurityHeaders(super().build_middleware_stack())
 
 
 def create_app(
@@ -42,7 +51,7 @@ def create_app(
         finally:
             await instance.close()
 
-    app = FastAPI(
+    app = PlatformApp(
         title="paddlefn",
         summary="Serverless inference for PaddlePaddle models",
         version="0.1.0",

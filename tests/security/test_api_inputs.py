@@ -6,8 +6,10 @@ Through a real platform process on a real socket, as the attacks were made; the 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import re
 import select
 import socket
 import tarfile
@@ -17,10 +19,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 
-from functions import names
+import functions.ui
+from functions import connections, headers, names
+from functions.app import PlatformApp
 from functions.bounds import MAX_MESSAGE_CHARS
+from functions.errors import install_error_handlers
 from scaler import wake
 from tests.conftest import ADMIN_KEY, PlatformProcess, Tenant, free_port, make_tenant, platform_env
 
@@ -91,9 +97,9 @@ def raw_request(
             data += more
     head_text, _, rest = data.partition(b"\r\n\r\n")
     lines = head_text.decode("latin-1").split("\r\n")
-    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    fields = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:])}
     return Answer(
-        int(lines[0].split()[1]), headers, rest[: int(headers.get("content-length", len(rest)))], sent
+        int(lines[0].split()[1]), fields, rest[: int(fields.get("content-length", len(rest)))], sent
     )
 
 
@@ -365,3 +371,86 @@ def test_scopes_are_what_was_asked_and_an_empty_list_is_refused(
         else:
             assert says in r.json()["error"] and "invoke" in r.json()["error"]
             assert len(admin.get("/v1/tenants/scoped/keys").json()["keys"]) == before
+
+
+# ---------------------------------------------------------------------------- 8. security headers on every answer
+
+SECURITY = {
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+
+
+def assert_secure(got: dict[str, str] | httpx.Headers, policy: str = headers.POLICY) -> None:
+    for name, value in SECURITY.items():
+        assert got[name] == value, name
+    assert got["content-security-policy"] == policy
+    assert "frame-ancestors 'none'" in policy and "object-src 'none'" in policy
+
+
+def test_every_kind_of_answer_carries_the_security_headers(platform, acme):
+    with httpx.Client(base_url=platform.url) as anyone:
+        answers = [
+            anyone.get("/ui/"),  # the portal
+            anyone.get("/ui/js/main.js"),
+            anyone.get("/v1/whoami"),  # 401
+            anyone.get("/v2/health/live"),  # the data plane
+            anyone.post("/t/acme/v2/models/nope/infer", json={}),  # 401 on the data plane
+            anyone.get("/no/such/page"),  # 404
+            anyone.delete("/v1/whoami"),  # 405
+            acme.http.get("/v1/tenants/acme"),  # 200
+            acme.http.post("/t/acme/v2/models/nope/infer", json={}),  # 404
+        ]
+    for r in answers:
+        assert_secure(r.headers)
+    assert_secure(
+        raw_request(platform, "POST", "/v1/tenants", b"", declare=10 * MiB).headers
+    )  # BodyLimit's 413
+
+
+def test_the_api_explorer_pages_get_the_policy_they_need_and_no_more(platform):
+    with httpx.Client(base_url=platform.url) as anyone:
+        for path in ("/docs", "/redoc"):
+            r = anyone.get(path)
+            assert r.status_code == 200
+            assert_secure(r.headers, headers.DOCS_POLICY)
+        assert_secure(anyone.get("/openapi.json").headers)
+
+
+def test_a_500_carries_the_security_headers_too():
+    """The 500 of FastAPI's outermost error middleware, which app middleware never sees: PlatformApp puts the
+    headers outside it."""
+    app = PlatformApp()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("a platform bug")
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/boom")
+
+    r = asyncio.run(call())
+    assert r.status_code == 500
+    assert_secure(r.headers)
+
+
+def test_the_connection_guards_own_answers_carry_them():
+    for raw in (connections._REFUSED, connections._HEAD_TIMEOUT):
+        head = raw.split(b"\r\n\r\n")[0].decode().split("\r\n")[1:]
+        assert_secure({name.lower(): value for name, value in (line.split(": ", 1) for line in head)})
+
+
+def test_the_portal_has_no_inline_script_or_event_handler():
+    """An inline one would need 'unsafe-inline', which the policy does not give (the browser test checks that
+    the portal runs under it)."""
+    static = Path(functions.ui.__file__).parent / "static"
+    for page in static.rglob("*.html"):
+        text = page.read_text()
+        assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", text), page
+        assert not re.search(r"\son[a-z]+\s*=", text), page
+        assert "javascript:" not in text, page
+        assert "style=" not in text, page
