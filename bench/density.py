@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from bench.common import (
     CHILD_ENV,
+    OUT,
     PY,
     ROOT,
     Platform,
@@ -255,6 +257,7 @@ def main() -> None:
                 deploy_s = deploy_up_to(p, tenants, have, n, model)
             except Exception as exc:
                 steps_out.append({"n": n, "error": repr(exc)[:300]})
+                shutil.copy(p.data_dir / "platform.log", OUT / "density-platform.log")  # for the post-mortem
                 break
             time.sleep(6)  # one more memory measurement by the platform
             step: dict[str, Any] = {"n": n, "deploy_s": round(deploy_s, 1), **memory_of_warm(p)}

@@ -42,7 +42,9 @@ class TenantIn(BaseModel):
 
 class KeyIn(BaseModel):
     name: str = Field("", max_length=100, description="what the key is for")
-    scopes: list[str] | None = Field(None, description="subset of ['invoke', 'manage']; default both")
+    scopes: list[str] | None = Field(
+        None, description="some of ['invoke', 'manage']; left out or null: both; an empty list is refused"
+    )
 
 
 def actor(principal: Principal | None) -> str:
@@ -118,7 +120,9 @@ async def delete_tenant(tenant: str, platform: PlatformDep, principal: Principal
 
 
 @router.post("/tenants/{tenant}/keys", status_code=201)
-def create_key(tenant: str, body: KeyIn, platform: PlatformDep, principal: PrincipalDep) -> dict[str, Any]:
+async def create_key(
+    tenant: str, body: KeyIn, platform: PlatformDep, principal: PrincipalDep
+) -> dict[str, Any]:
     tenant_id = platform.tenant_for(principal, tenant, MANAGE)
     with platform.audit.change(actor(principal), tenant, "key.create", body.name):
         row, key = platform.create_key(tenant, tenant_id, body.name, body.scopes)

@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp
 
-from functions import api, edge, gateway, openapi, stats, ui
+from functions import api, bounds, edge, gateway, headers, openapi, stats, ui
 from functions.billing import routes as billing_routes
 from functions.errors import install_error_handlers
 from functions.platform import Platform
 from functions.settings import Settings
+
+# Routes whose bodies are not small JSON, each with a limit of its own that it enforces while it reads: model
+# uploads (max_upload_bytes and the plan's max_model_bytes) and edge usage uploads (edge.MAX_BODY_BYTES).
+OWN_BODY_LIMITS = [
+    ("POST", re.compile(r"/v1/tenants/[^/]+/functions")),
+    ("POST", re.compile(r"/v1/edge/usage")),
+]
+
+
+class PlatformApp(FastAPI):
+    """FastAPI with the security headers outside its whole middleware stack, so that they are on every answer,
+    the 500s of its outermost error middleware included."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return headers.SecurityHeaders(super().build_middleware_stack())
 
 
 def create_app(
@@ -34,7 +51,7 @@ def create_app(
         finally:
             await instance.close()
 
-    app = FastAPI(
+    app = PlatformApp(
         title="paddlefn",
         summary="Serverless inference for PaddlePaddle models",
         version="0.1.0",
@@ -59,4 +76,8 @@ def create_app(
 
     openapi.install(app, settings)  # the data plane, /metrics, the portal and the real errors too
     app.add_middleware(gateway.HostRouting, domain=settings.domain)
+    limit = settings.max_json_bytes
+    app.add_middleware(
+        bounds.BodyLimit, limit=limit, exempt=OWN_BODY_LIMITS, setting="PADDLEFN_MAX_JSON_BYTES"
+    )
     return app

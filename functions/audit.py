@@ -16,12 +16,14 @@ from typing import Any
 
 from sqlalchemy import select
 
+from functions.bounds import clip
 from functions.errors import PlatformError
 from functions.store import AuditEntry, Store, Tenant
 from functions.store.models import utcnow
 
 log = logging.getLogger("paddlefn.audit")
 SYSTEM = "system"
+MAX_DETAIL_CHARS = 2000
 
 
 class AuditLog:
@@ -31,12 +33,14 @@ class AuditLog:
 
     def record(self, actor: str, tenant: str | None, action: str, target: str = "", outcome: str = "ok",
                detail: str = "", tenant_id: int | None = None) -> None:  # fmt: skip
-        """TENANT_ID defaults to that of the tenant named TENANT now (None if there is none)."""
+        """TENANT_ID defaults to that of the tenant named TENANT now (None if there is none). Every string is cut
+        to its column's length (a refused create names a tenant that may be any string)."""
         with self.store.session() as s:
             if tenant_id is None and tenant is not None:
                 tenant_id = s.scalar(select(Tenant.id).where(Tenant.name == tenant))
-            s.add(AuditEntry(at=utcnow(), actor=actor, tenant=tenant, tenant_id=tenant_id, action=action,
-                             target=target[:200], outcome=outcome, detail=detail[:2000]))  # fmt: skip
+            s.add(AuditEntry(at=utcnow(), actor=clip(actor, 32), tenant=None if tenant is None else clip(tenant, 63),
+                             tenant_id=tenant_id, action=clip(action, 40), target=clip(target, 200),
+                             outcome=clip(outcome, 16), detail=clip(detail, MAX_DETAIL_CHARS)))  # fmt: skip
 
     def tenant_id(self, tenant: str | None) -> int | None:
         if tenant is None:

@@ -15,6 +15,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
+from functions.bounds import shown
 from functions.errors import Unauthorized
 from functions.store.models import utcnow
 
@@ -24,7 +25,7 @@ INVOKE = "invoke"
 TENANT_SCOPES = frozenset({MANAGE, INVOKE})
 ENV_ADMIN_ID = "env-admin"  # the key given in PADDLEFN_ADMIN_KEY, which may have any form
 
-_KEY = re.compile(r"^pfn_([0-9a-f]{12})_([A-Za-z0-9_-]{20,})$")
+_KEY = re.compile(r"pfn_([0-9a-f]{12})_([A-Za-z0-9_-]{20,})")  # matched whole (fullmatch)
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,16 @@ def hash_secret(secret: str) -> str:
 
 
 def parse_scopes(scopes: list[str] | None) -> frozenset[str]:
-    if not scopes:
+    """None (not given) means every tenant scope; an empty list grants nothing, so it is refused, not widened."""
+    if scopes is None:
         return TENANT_SCOPES
+    if not scopes:
+        raise ValueError(
+            f"scopes is empty: give some of {sorted(TENANT_SCOPES)}, or leave scopes out for a key with both"
+        )
     unknown = sorted(set(scopes) - TENANT_SCOPES)
     if unknown:
-        raise ValueError(f"unknown scope(s) {unknown}; a tenant key may have: {sorted(TENANT_SCOPES)}")
+        raise ValueError(f"unknown scope(s) {shown(unknown)}; a tenant key may have: {sorted(TENANT_SCOPES)}")
     return frozenset(scopes)
 
 
@@ -94,7 +100,7 @@ class KeyRing:
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
         token = token.strip()
-        match = _KEY.match(token)
+        match = _KEY.fullmatch(token)
         if match and match.group(1) in self._keys:
             key_id, secret = match.group(1), match.group(2)
         else:  # PADDLEFN_ADMIN_KEY may be any string, our format included

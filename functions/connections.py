@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from functions.headers import HEADERS
 from functions.settings import Settings
 
 log = logging.getLogger("paddlefn.connections")
@@ -43,9 +44,10 @@ _WARN_EVERY_S = 10.0
 
 def _closing_response(status: str, message: str, extra: str = "") -> bytes:
     body = json.dumps({"error": message}).encode()
+    security = "".join(f"{name}: {value}\r\n" for name, value in HEADERS)
     head = (
         f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-        f"{extra}connection: close\r\n\r\n"
+        f"{security}{extra}connection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
 

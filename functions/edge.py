@@ -34,10 +34,11 @@ from sqlalchemy import select, update
 from starlette.background import BackgroundTask
 from starlette.responses import FileResponse
 
-from functions import edge_records
+from functions import edge_records, names
 from functions.api import PlatformDep, PrincipalDep
 from functions.auth import MANAGE, hash_secret
 from functions.billing.ledger import row_of
+from functions.bounds import clip
 from functions.edge_records import MAX_BODY_BYTES, MAX_RECORDS, EdgeRecord
 from functions.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, Unauthorized
 from functions.platform import Platform
@@ -50,7 +51,7 @@ router = APIRouter(prefix="/v1")
 
 KEY_HEADER = "x-paddlefn-device-key"
 BUNDLE_HEADER = "x-paddlefn-bundle-id"
-_KEY = re.compile(r"^pfe_(e[0-9a-f]{10})_([A-Za-z0-9_-]{20,})$")
+_KEY = re.compile(r"pfe_(e[0-9a-f]{10})_([A-Za-z0-9_-]{20,})")  # matched whole (fullmatch)
 
 
 class BundleIn(BaseModel):
@@ -94,14 +95,15 @@ async def create_bundle(
         except BaseException:
             out.unlink(missing_ok=True)
             raise
+        lite_version = clip(str(lite.get("version", "")), 16)
         with platform.store.session() as s:
             s.add(EdgeDevice(bundle_id=bundle_id, tenant_id=tenant_id, function=fn.name, target=body.target,
-                             secret_hash=hash_secret(secret), lite_version=str(lite.get("version", ""))))  # fmt: skip
+                             secret_hash=hash_secret(secret), lite_version=lite_version))  # fmt: skip
     return FileResponse(
         out,
         status_code=201,
         media_type="application/gzip",
-        filename=f"{fn.name}-{bundle_id}.tar.gz",
+        filename=names.file_name(f"{fn.name}-{bundle_id}.tar.gz"),
         headers={KEY_HEADER: device_key, BUNDLE_HEADER: bundle_id, "cache-control": "no-store"},
         background=BackgroundTask(_remove, out),
     )
@@ -151,7 +153,7 @@ def authenticate_device(platform: Platform, authorization: str | None) -> tuple[
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send the bundle's device key as 'Authorization: Bearer <device key>'")
-    match = _KEY.match(token.strip())
+    match = _KEY.fullmatch(token.strip())
     row = tenant = None
     if match:
         with platform.store.session() as s:

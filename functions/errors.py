@@ -11,7 +11,8 @@
     ├── Unavailable           503  Retry-After: queue full, worker died, no capacity
     └── GatewayTimeout        504  cold start or request over its time limit
 
-Bodies are ``{"error": "<message>"}``, as the Open Inference Protocol answers errors. 4xx are logged without a
+Bodies are ``{"error": "<message>"}``, as the Open Inference Protocol answers errors, cut to
+``functions.bounds.MAX_MESSAGE_CHARS`` (a message never repeats unbounded input). 4xx are logged without a
 traceback; anything unexpected is logged once with one and answered 500.
 """
 
@@ -24,6 +25,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from functions.bounds import MAX_MESSAGE_CHARS, clip, shown
 
 log = logging.getLogger("paddlefn")
 
@@ -92,7 +95,9 @@ class FunctionTimeout(GatewayTimeout):
 
 
 def error_response(exc: PlatformError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+    return JSONResponse(
+        {"error": clip(exc.message, MAX_MESSAGE_CHARS)}, status_code=exc.status, headers=exc.headers
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -105,10 +110,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body",))
+        for err in exc.errors()[:10]:
+            where = ".".join(p if isinstance(p, str) and len(p) < 40 else shown(p, 40)
+                             for p in err.get("loc", ()) if p not in ("body",))  # fmt: skip
             problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return JSONResponse({"error": "; ".join(problems) or "invalid request"}, status_code=400)
+        message = clip("; ".join(problems) or "invalid request", MAX_MESSAGE_CHARS)
+        return JSONResponse({"error": message}, status_code=400)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -117,7 +124,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no such endpoint: {request.method} {request.url.path}"
         if exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            {"error": clip(message, MAX_MESSAGE_CHARS)}, status_code=exc.status_code, headers=exc.headers
+        )
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)

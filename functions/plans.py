@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
 from functions.billing.pricing import Prices
+from functions.bounds import clip, shown
 from functions.errors import BadRequest, NotFound
 from functions.store import Plan as PlanRow
 from functions.store import Store
@@ -23,7 +24,8 @@ GiB = 1 << 30
 
 class Limits(BaseModel):
     """Quotas of one tenant. Exceeding a rate or concurrency limit is a 429 with Retry-After; a plan limit
-    (functions, size, storage, GPU) is a 403 or 413. Every message names the limit and the current usage."""
+    (functions, size, storage, GPU) is a 403 or 413, the key limit a 409. Every message names the limit and the
+    current usage."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -44,6 +46,9 @@ class Limits(BaseModel):
     """Whether functions may run on a GPU; without it, device=auto means cpu and device=gpu is refused."""
     weight: int = Field(default=1, ge=1, le=1000)
     """Share of contended capacity relative to other backlogged tenants (weighted fair queueing)."""
+    max_keys: int = Field(default=20, ge=1, le=10_000)
+    """Active (not revoked) API keys of the tenant; one more is a 409 until one is revoked. The key list also
+    keeps the max_keys most recently revoked keys; older revoked ones are forgotten (the audit log keeps them)."""
 
 
 class Plan(BaseModel):
@@ -55,8 +60,9 @@ class Plan(BaseModel):
 
 def _problems(exc: ValidationError) -> str:
     return "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg'].removeprefix('Value error, ')}"
-        for e in exc.errors()
+        f"{'.'.join(shown(p, 40) if len(str(p)) > 40 else str(p) for p in e['loc']) or 'plan'}: "
+        f"{clip(e['msg'].removeprefix('Value error, '), 200)}"
+        for e in exc.errors()[:10]
     )
 
 

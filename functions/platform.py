@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from functions import archive
+from functions import archive, names
 from functions.activator import Activator
 from functions.admission import TenantAdmission
 from functions.audit import SYSTEM, AuditLog
@@ -35,6 +35,7 @@ from functions.autoscaler import Autoscaler
 from functions.backends.base import Backend
 from functions.billing.ledger import Ledger
 from functions.billing.service import Billing
+from functions.bounds import clip, shown
 from functions.clock import SYSTEM_CLOCK, Clock
 from functions.deploy import DeployFailed
 from functions.deployqueue import DeployQueue
@@ -49,7 +50,6 @@ from functions.registry import (
     FunctionConfig,
     FunctionRecord,
     Registry,
-    check_name,
 )
 from functions.settings import Settings
 from functions.store import ApiKey, DeletedTenant, Function, Store, Tenant
@@ -61,12 +61,14 @@ from runtime.program_check import check_program
 from runtime.spec import Manifest
 
 log = logging.getLogger("paddlefn")
+MAX_ERROR_CHARS = 4000  # a function's stored deploy error
 
 
 def config_errors(exc: ValidationError) -> str:
     return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-        for e in exc.errors()
+        f"{'.'.join(shown(p, 40) if len(str(p)) > 40 else str(p) for p in e['loc']) or 'config'}: "
+        f"{e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()[:10]
     )
 
 
@@ -290,9 +292,7 @@ class Platform:
     # ---------------------------------------------------------------- tenants and keys
 
     def create_tenant(self, name: str) -> tuple[Tenant, ApiKey, NewKey]:
-        problem = check_name("tenant", name)
-        if problem:
-            raise BadRequest(problem)
+        names.check("tenant", name)
         key = new_key()
         try:
             with self.store.session() as s:
@@ -314,7 +314,7 @@ class Platform:
         return plan or DEFAULT_PLAN
 
     def set_plan(self, tenant: str, plan: str) -> None:
-        self.plans.get(plan)  # 404 for an unknown plan
+        self.plans.get(names.check("plan", plan))  # 404 for an unknown plan
         with self.store.session() as s:
             row = s.scalar(select(Tenant).where(Tenant.name == tenant))
             if row is None:
@@ -323,7 +323,7 @@ class Platform:
         self._limits.clear()
 
     def put_plan(self, name: str, raw: dict[str, Any]) -> Any:
-        plan = self.plans.put(name, raw)
+        plan = self.plans.put(names.check("plan", name), raw)
         self._limits.clear()
         return plan
 
@@ -467,12 +467,25 @@ class Platform:
     def create_key(
         self, tenant: str, tenant_id: int, name: str, scopes: list[str] | None
     ) -> tuple[ApiKey, NewKey]:
+        """A new key, if the tenant is below its plan's max_keys. Called on the event loop (not in a thread), so
+        two creations cannot both pass the count."""
+        names.check("key", name)
         try:
             parsed = parse_scopes(scopes)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
+        cap = self.limits_of(tenant).max_keys
         key = new_key()
         with self.store.session() as s:
+            active = s.scalar(
+                select(func.count()).select_from(ApiKey)
+                .where(ApiKey.tenant_id == tenant_id, ApiKey.revoked_at.is_(None))
+            )  # fmt: skip
+            if (active or 0) >= cap:
+                raise Conflict(
+                    f"tenant '{tenant}' has {active} active API keys, its plan's limit (max_keys={cap}); "
+                    f"revoke one first (DELETE /v1/tenants/{tenant}/keys/{{id}})"
+                )
             row = ApiKey(id=key.id, tenant_id=tenant_id, name=name, secret_hash=key.secret_hash,
                          scopes=",".join(sorted(parsed)))  # fmt: skip
             s.add(row)
@@ -491,6 +504,16 @@ class Platform:
             if row is None or row.revoked_at is not None:
                 raise NotFound(f"key '{key_id}' not found")
             row.revoked_at = utcnow()
+            s.flush()
+            keep = self.limits_of(s.scalar(select(Tenant.name).where(Tenant.id == tenant_id)) or "").max_keys
+            # The list keeps the max_keys most recently revoked keys, so that revoking and creating keys over
+            # and over does not grow it without end; the audit log has the rest.
+            forgotten = s.scalars(
+                select(ApiKey.id).where(ApiKey.tenant_id == tenant_id, ApiKey.revoked_at.is_not(None))
+                .order_by(ApiKey.revoked_at.desc(), ApiKey.id).offset(keep)
+            ).all()  # fmt: skip
+            if forgotten:
+                s.execute(delete(ApiKey).where(ApiKey.id.in_(forgotten)))
         self.keys.remove(key_id)
 
     # ---------------------------------------------------------------- functions
@@ -510,9 +533,7 @@ class Platform:
     async def create_function(
         self, tenant: str, tenant_id: int, name: str, upload: IO[bytes], config: FunctionConfig
     ) -> FunctionRecord:
-        problem = check_name("function", name)
-        if problem:
-            raise BadRequest(problem)
+        names.check("function", name)
         with self._reserve_function(tenant, name, config):
             return await self._create_function(tenant, tenant_id, name, upload, config)
 
@@ -610,6 +631,7 @@ class Platform:
             # Lite was asked for (on deploy, or by a PATCH meanwhile), and this model cannot be served by it.
             manifest, error = None, problem
         status = READY if manifest else FAILED
+        error = None if error is None else clip(error, MAX_ERROR_CHARS)  # it may carry a preparation's output
         if manifest is not None:
             # READY means warm: the first replica starts (and the backend waits for it) before anyone is told.
             ready = dataclasses.replace(current, status=READY, error=None, manifest=manifest)

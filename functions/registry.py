@@ -6,7 +6,6 @@ writes the store first and then the table, so a restart rebuilds the same table 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -16,17 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from runtime.spec import Manifest
 
-NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
-NAME_RULE = (
-    "1-63 characters: lowercase letters, digits and '-', starting with a letter and not ending with '-'"
-)
-
 DEPLOYING, READY, FAILED = "deploying", "ready", "failed"
-
-
-def check_name(kind: str, name: str) -> str | None:
-    """None when NAME is valid (it must be a DNS label: it becomes a host name and a Kubernetes name)."""
-    return None if NAME.match(name) else f"{kind} name '{name}' is not valid: {NAME_RULE}"
 
 
 class Batching(BaseModel):

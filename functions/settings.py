@@ -108,6 +108,10 @@ class Settings:
     """Default time a replica may take to answer one request before a 504."""
     max_request_bytes: int = 64 * 1024 * 1024
     """Largest inference request body; bigger ones get a 413."""
+    max_json_bytes: int = 1024 * 1024
+    """Largest request body of a control-plane endpoint (JSON: tenants, keys, PATCH, plans, ...); a bigger one
+    gets a 413 as soon as its Content-Length or its first bytes over the limit arrive, before it is parsed.
+    Model uploads (max_upload_bytes) and edge usage uploads have limits of their own."""
     max_upload_bytes: int = 2 * 1024 * 1024 * 1024
     """Largest model archive upload; bigger ones get a 413."""
     max_unpacked_bytes: int = 4 * 1024 * 1024 * 1024

@@ -19,8 +19,9 @@ from starlette.routing import Route
 
 from scaler.activity import Board
 
-# Tenant and function names are DNS labels (the platform checks them on create); anything else is a typo.
-NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+# Tenant and function names are DNS labels (the platform checks them on create, functions/names.py, whose
+# DNS_LABEL this must equal); anything else is a typo. Matched whole: "$" would let a final newline through.
+NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def wake_app(board: Board, token: str = "", clock: Callable[[], float] = time.monotonic) -> Starlette:
@@ -30,7 +31,7 @@ def wake_app(board: Board, token: str = "", clock: Callable[[], float] = time.mo
             if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
                 return JSONResponse({"error": "missing or wrong wake token"}, status_code=401)
         tenant, function = request.path_params["tenant"], request.path_params["function"]
-        if not NAME.match(tenant) or not NAME.match(function):
+        if not NAME.fullmatch(tenant) or not NAME.fullmatch(function):
             return JSONResponse({"error": "tenant and function must be DNS labels"}, status_code=400)
         board.wake((tenant, function), clock())
         return JSONResponse({"tenant": tenant, "function": function, "active": True}, status_code=202)

@@ -48,13 +48,31 @@ def browser() -> Iterator[Any]:
             instance.close()
 
 
+# Reports every Content-Security-Policy violation to the console, where the page fixture collects it.
+REPORT_CSP = """document.addEventListener("securitypolicyviolation",
+  (e) => console.error(`CSP violation: ${e.effectiveDirective} blocked ${e.blockedURI || "inline"}`));"""
+
+
 @pytest.fixture
-def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+def csp_violations() -> list[str]:
+    """What the browser refused under the platform's Content-Security-Policy during the test."""
+    return []
+
+
+@pytest.fixture
+def page(browser: Any, request: pytest.FixtureRequest, csp_violations: list[str]) -> Iterator[Any]:
     context = browser.new_context(viewport={"width": 1200, "height": 900}, accept_downloads=True)
+    context.add_init_script(REPORT_CSP)
     page = context.new_page()
     page.set_default_timeout(15_000)
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    def on_console(message: Any) -> None:
+        if message.type == "error" and ("Content Security Policy" in message.text or "CSP" in message.text):
+            csp_violations.append(message.text)
+
+    page.on("console", on_console)
     try:
         yield page
     finally:
@@ -62,6 +80,9 @@ def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
         page.screenshot(path=str(ARTIFACTS / f"{request.node.name}-last.png"), full_page=True)
         context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+    assert not csp_violations, (
+        f"the browser refused under the page's Content-Security-Policy: {csp_violations}"
+    )
 
 
 def shot(page: Any, name: str) -> None:
@@ -274,3 +295,33 @@ def test_keyboard_alone_reaches_the_main_controls(platform, page, tmp_path):
     page.get_by_role("button", name="Sign out").focus()
     page.keyboard.press("Enter")
     see(page.get_by_label("API key")).to_be_focused()
+
+
+def test_the_portal_runs_under_a_policy_that_the_browser_enforces(platform, page, csp_violations):
+    acme = make_tenant(platform, "acme")
+    see = expect()
+    response = page.goto(f"{platform.url}/ui/")
+    assert response is not None
+    policy = response.headers["content-security-policy"]
+    assert (
+        "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and "unsafe-inline" not in policy
+    )
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    sign_in(page, platform.url, acme.key)
+    see(page.get_by_role("heading", level=1)).to_have_text("Functions of acme")
+    assert not csp_violations  # the portal itself needs nothing the policy refuses
+
+    # and the policy is in force: an injected inline script does not run, and the browser says why
+    page.evaluate("""() => {
+        const s = document.createElement("script");
+        s.textContent = "window.injected = true";
+        document.head.append(s);
+    }""")
+    assert page.evaluate("window.injected === undefined")
+    for _ in range(50):  # the console report arrives as an event: let Playwright deliver it
+        if any("script" in v for v in csp_violations):
+            break
+        page.wait_for_timeout(100)
+    assert any("script" in v for v in csp_violations), csp_violations
+    csp_violations.clear()

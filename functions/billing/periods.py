@@ -10,7 +10,9 @@ import functools
 import re
 from datetime import UTC, datetime, timedelta
 
-PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+from functions.bounds import shown
+
+PERIOD = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")  # matched whole (fullmatch): no trailing newline
 LAST = "9999-11"  # the last month whose end (the first of the next one) a datetime can hold
 
 
@@ -22,9 +24,9 @@ def period_of(moment: datetime) -> str:
 
 def parse_period(text: str) -> tuple[datetime, datetime]:
     """``"2026-11"`` -> (start, end) of that month in UTC; ValueError with the expected form otherwise."""
-    match = PERIOD.match(text)
+    match = PERIOD.fullmatch(text) if isinstance(text, str) else None
     if not match:
-        raise ValueError(f"'{text}' is not a month: use YYYY-MM, e.g. 2026-11")
+        raise ValueError(f"{shown(text)} is not a month: use YYYY-MM, e.g. 2026-11")
     year, month = int(match.group(1)), int(match.group(2))
     if year == 0 or text > LAST:
         raise ValueError(f"'{text}' is out of range: use a month from 0001-01 to {LAST}")

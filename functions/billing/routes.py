@@ -12,10 +12,12 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import select
 
+from functions import names
 from functions.api import MAX_ID, PlatformDep, PrincipalDep
 from functions.auth import MANAGE
 from functions.billing import invoices
 from functions.billing.service import Account
+from functions.bounds import shown
 from functions.errors import BadRequest, NotFound
 from functions.platform import Platform
 from functions.store import DeletedTenant
@@ -32,7 +34,7 @@ def _time(value: str | None, name: str) -> datetime | None:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise BadRequest(
-            f"{name}={value!r} is not a time: use ISO 8601 such as 2026-11-01T00:00:00Z"
+            f"{name}={shown(value)} is not a time: use ISO 8601 such as 2026-11-01T00:00:00Z"
         ) from None
     if moment.tzinfo is None:
         return moment  # Billing.usage says a zone is needed
@@ -76,7 +78,7 @@ async def _invoice(
         raise BadRequest("format must be json or csv")
     document = await platform.billing.invoice(account, period)
     if format == "csv":
-        filename = f"invoice-{account.name}-{period}.csv"
+        filename = names.file_name(f"invoice-{account.name}-{period}.csv")
         return PlainTextResponse(invoices.to_csv(document), media_type="text/csv",
                                  headers={"content-disposition": f'attachment; filename="{filename}"'})  # fmt: skip
     return document

@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 META = "bundle.json"
 NB = "model.nb"
 # Bundle ids name folders on edge devices (the default data dir): keep them to safe file-name characters.
-BUNDLE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+BUNDLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # matched whole: "$" lets a final newline through
 MAX_MEMBER_BYTES = 4 * 1024**3  # a .nb beyond this is not an edge model; refuse before unpacking it
 
 
@@ -80,7 +80,7 @@ def export_bundle(
         raise BundleError(f"target must be x86 or arm, not {target!r}")
     if not device_key:
         raise BundleError("a bundle needs a device key (the platform issues one per bundle)")
-    if bundle_id is not None and not BUNDLE_ID.match(bundle_id):
+    if bundle_id is not None and not BUNDLE_ID.fullmatch(bundle_id):
         raise BundleError(f"bundle id {bundle_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
     manifest = Manifest.load(model_dir)
     lite = manifest.lite or {}
@@ -157,7 +157,7 @@ def read_meta(bundle: Path) -> dict[str, Any]:
         raise BundleError(f"{bundle.name} is not a readable bundle (corrupt or truncated): {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BundleError(f"{bundle.name} is not a paddlefn edge bundle ({META} has no format {FORMAT!r})")
-    if not BUNDLE_ID.match(str(meta.get("bundle_id", ""))):
+    if not BUNDLE_ID.fullmatch(str(meta.get("bundle_id", ""))):
         raise BundleError(f"{bundle.name} has an invalid bundle id {meta.get('bundle_id')!r}: refused")
     if meta.get("format_version") != FORMAT_VERSION:
         raise BundleError(

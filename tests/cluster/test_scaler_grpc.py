@@ -110,6 +110,8 @@ def test_the_wake_endpoint_checks_its_token_and_the_names(
         assert http.post("/v1/wake/acme/classify").status_code == 401
         bearer = {"authorization": "Bearer s3cret"}
         assert http.post("/v1/wake/Acme/classify", headers=bearer).status_code == 400
+        assert http.post("/v1/wake/acme%0A/classify", headers=bearer).status_code == 400  # "$" let it by
+        assert http.post("/v1/wake/acme/classify%0A", headers=bearer).status_code == 400
         assert http.post("/v1/wake/acme/classify", headers=bearer).status_code == 202
         assert http.get("/healthz").json() == {"status": "ok"}
 
