@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -55,7 +56,7 @@ async def prepare_model(
         args.append("--batching")
     if confine:
         args += ["--confine", json.dumps(confine)]
-    process, stdout_reader, stderr_reader = await _start(settings, args, template)
+    process, stdout_reader, stderr_reader, close_streams = await _start(settings, args, template)
     try:
         stdout, stderr = await asyncio.wait_for(
             _communicate(process, stdout_reader, stderr_reader, on_stage), settings.deploy_timeout_s
@@ -70,6 +71,8 @@ async def prepare_model(
     except asyncio.CancelledError:  # the function (or its tenant) was deleted meanwhile
         _kill_group(process)
         raise
+    finally:
+        close_streams()
     result = _last_json_line(stdout)
     if process.returncode == -signal.SIGXCPU and confine and confine.get("cpu_seconds"):
         raise DeployFailed(
@@ -96,9 +99,11 @@ async def prepare_model(
 _OUTPUT_LIMIT = 16 * 1024 * 1024  # the last line is the whole manifest
 
 
-async def _start(
-    settings: Settings, args: list[str], template: WorkerTemplate | None
-) -> tuple[Process, asyncio.StreamReader, asyncio.StreamReader]:
+Started = tuple[Process, asyncio.StreamReader, asyncio.StreamReader, Callable[[], object]]
+"""The process, readers of its stdout and stderr, and what closes them once it is done."""
+
+
+async def _start(settings: Settings, args: list[str], template: WorkerTemplate | None) -> Started:
     """The preparation process and readers of its stdout and stderr; it runs in a session of its own, so that
     a kill of its process group reaches whatever it started too (the Lite converter)."""
     if template is not None:
@@ -112,32 +117,33 @@ async def _start(
         env=worker_env(settings), limit=_OUTPUT_LIMIT, start_new_session=True,
     )  # fmt: skip
     assert process.stdout is not None and process.stderr is not None
-    return process, process.stdout, process.stderr
+    return process, process.stdout, process.stderr, lambda: None
 
 
-async def _fork(
-    template: WorkerTemplate, args: list[str]
-) -> tuple[Process, asyncio.StreamReader, asyncio.StreamReader]:
-    loop = asyncio.get_running_loop()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
+async def _fork(template: WorkerTemplate, args: list[str]) -> Started:
+    # Its stdout and stderr are Unix stream sockets, read as asyncio streams. Not pipes through
+    # connect_read_pipe: under uvloop (uvicorn's loop) the pipe transport closes the descriptor itself and
+    # the file object wrapping it closes it again, which closed other connections' sockets under load.
+    out, out_child = socket.socketpair()
+    err, err_child = socket.socketpair()
     null = os.open(os.devnull, os.O_RDONLY)
     try:
-        process = await template.fork_prepare(args, (null, out_w, err_w))
+        process = await template.fork_prepare(args, (null, out_child.fileno(), err_child.fileno()))
     except BaseException:
-        for fd in (out_r, err_r):
-            os.close(fd)
+        out.close()
+        err.close()
         raise
     finally:
-        for fd in (null, out_w, err_w):
-            os.close(fd)
-    readers = []
-    for fd in (out_r, err_r):
-        reader = asyncio.StreamReader(limit=_OUTPUT_LIMIT)
-        protocol = asyncio.StreamReaderProtocol(reader)
-        await loop.connect_read_pipe(lambda p=protocol: p, os.fdopen(fd, "rb", 0))  # type: ignore[misc]
-        readers.append(reader)
-    return process, readers[0], readers[1]
+        os.close(null)
+        out_child.close()
+        err_child.close()
+    streams = [await asyncio.open_unix_connection(sock=sock, limit=_OUTPUT_LIMIT) for sock in (out, err)]
+
+    def close() -> None:
+        for _, writer in streams:
+            writer.close()
+
+    return process, streams[0][0], streams[1][0], close
 
 
 def _kill_group(process: Process) -> None:

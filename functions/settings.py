@@ -61,7 +61,7 @@ class Settings:
     """Most worker processes at once, pool included; 0 means as many as memory_budget_mb holds at the measured
     memory (PSS) of a worker (functions/backends/memory.py)."""
     memory_budget_mb: int = 0
-    """Memory warm workers (and their template) may take, in MiB; 0 means 60% of the machine's memory (of the
+    """Memory warm workers (and their template) may take, in MiB; 0 means 70% of the machine's memory (of the
     platform's cgroup limit when that is lower). An idle warm function costs only this memory; compute is
     bounded apart, by max_in_flight."""
     worker_start: str = "fork"

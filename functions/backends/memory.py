@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_BUDGET_SHARE = 0.6
+DEFAULT_BUDGET_SHARE = 0.7
 """Share of the machine's memory (or of the platform's cgroup limit, when lower) warm workers may use by default;
 the rest is for the platform, the deploy (prepare) processes, the page cache and the tenants' request peaks."""
 INITIAL_WORKER_MB = 48.0
