@@ -44,6 +44,7 @@ from runtime.spec import GOLDEN_INPUTS, Manifest, ModelSpec, TensorSpec
 log = logging.getLogger("paddlefn.runtime")
 
 EngineFactory = Callable[[Path, Manifest], Engine]
+KEEP_ALIVE_S = 120  # idle keep-alive connections stay open this long (callers close theirs first)
 
 
 @dataclass
@@ -390,9 +391,13 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
+    # The caller (the platform's gateway, Knative's queue-proxy) must be the one to close an idle connection:
+    # when the server closes it first, a request sent on it at that moment fails (the platform saw a 503 "the
+    # replica stopped" under Poisson traffic with uvicorn's default 5 s). The platform closes idle ones at 30 s.
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5
-    )
+        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )  # fmt: skip
     server = uvicorn.Server(config)
 
     _warm_protocol()

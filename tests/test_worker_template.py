@@ -21,6 +21,21 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def two_requests_on_one_connection(uds: Path, pause_s: float) -> bool:
+    import socket
+    import time
+
+    request = b"GET /v2/health/live HTTP/1.1\r\nhost: worker\r\n\r\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(uds))
+        sock.sendall(request)
+        first = sock.recv(4096)
+        time.sleep(pause_s)
+        sock.sendall(request)
+        second = sock.recv(4096)
+    return first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200")
+
+
 def memory_of(platform) -> dict:
     with platform.admin() as admin:
         return admin.get("/v1/capacity").json()["memory"]
@@ -43,6 +58,9 @@ def test_a_forked_worker_is_the_templates_child_and_its_pidfd_signals_reach_it(t
             transport = httpx.AsyncHTTPTransport(uds=str(tmp_path / "w1.sock"))
             async with httpx.AsyncClient(transport=transport, base_url="http://worker") as client:
                 assert (await client.get("/v2/health/live")).status_code == 200
+            # The worker leaves closing idle connections to the platform (which does at 30 s): a request sent
+            # just as the worker closed one failed as "the replica stopped" (uvicorn's default was 5 s).
+            assert await asyncio.to_thread(two_requests_on_one_connection, tmp_path / "w1.sock", 6.0)
             child.kill()
             assert await asyncio.wait_for(child.wait(), 10) == -signal.SIGKILL  # the template's reaped status
         finally:

@@ -141,8 +141,11 @@ class WorkerProcess:
         )
         # The request path uses aiohttp: one round trip over the Unix socket costs ~0.45 ms against ~0.95 ms with
         # httpx's async client (measured here with the mlp model); httpx stays for the rare control calls.
+        # Idle connections are closed here (30 s) well before the worker would close them (KEEP_ALIVE_S in
+        # runtime/server.py): a request never goes out on a connection the worker is closing.
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.UnixConnector(path=str(uds), limit=0), auto_decompress=False
+            connector=aiohttp.UnixConnector(path=str(uds), limit=0, keepalive_timeout=30),
+            auto_decompress=False,
         )
         self.stopping = False
         self.loaded = False  # serves a model (its PSS then says what a warm function costs)
