@@ -262,10 +262,13 @@ class LocalBackend:
     async def deployed(self, fn: FunctionRecord) -> None:
         # As Knative's initial scale: a new function starts one replica so its first request is warm.
         await self.set_replicas(fn, max(fn.config.min_scale, 1))
-        # Wait for the first one (the platform says READY only then), however its start ends: a start that
-        # fails or is called off (fair shares) leaves a ready function whose first request starts one.
+        # Wait for the first one (the platform says READY only then) while it loads, however that ends. A start
+        # that waits for a slot or for quota (still CLAIMING: the policy decided no Take) is not waited for: the
+        # function is ready, and its first request waits for that start (or Lite answers, fallback=capacity).
         deadline = self.clock.now() + self._cold_timeout(fn)
-        while self._starting(fn.key) and not policy.of(self._state, fn.key, Phase.READY, fallback=False):
+        while policy.of(self._state, fn.key, Phase.LOADING, fallback=False) and not policy.of(
+            self._state, fn.key, Phase.READY, fallback=False
+        ):
             changed = self._changed
             remaining = deadline - self.clock.now()
             if remaining <= 0:
