@@ -9,6 +9,11 @@ For mlp and mobilenet_v3_small, one platform with four functions per model:
 
 Samples of the compared sides are interleaved (one of each in turn), so load from elsewhere hits both alike. A
 cold sample is taken only when the function is asleep and both pools are refilled.
+
+Beside them, Lite's own floor, measured on the engine host alone (``runtime.lite.engine.LiteHost`` on the prepared
+``.nb``, no platform): ``host_start`` is a fresh host from its start to ready (CPython 3.7 start, ``import numpy,
+paddlelite``, predictor creation), ``create`` the predictor creation inside it and ``first_run`` the first
+inference (Lite's compute time); ``floor`` = create + first run, the least a Lite cold start can cost.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import time
 from typing import Any
 
 from common import (  # type: ignore[import-not-found]
+    ROOT,
     Platform,
     arg_parser,
     binary_request,
     example_inputs,
     example_model,
     machine,
+    prepared_model,
     stats_ms,
     stop_on_sigterm,
     table,
@@ -46,16 +53,50 @@ def ready_for_a_cold_sample(platform: Platform, tenant: Any, function: str) -> b
     return bool(asleep and workers["idle_warm"] >= POOL_SIZE and workers.get("lite_idle_warm", 1) >= 1)
 
 
+def host_floor(model: str, reps: int) -> dict[str, Any]:
+    """Lite's own floor for MODEL on the engine host alone (see the module docstring), p50/p99 in ms."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from runtime.lite.engine import LiteHost
+    from runtime.spec import GOLDEN_INPUTS, Manifest
+
+    folder = prepared_model(model, "cpu")
+    nb = folder / str(Manifest.load(folder).lite["nb"])
+    with np.load(folder / GOLDEN_INPUTS) as data:
+        inputs = {k: data[k] for k in data.files}
+    start, create, first = [], [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        host = LiteHost(nb)
+        start.append(time.perf_counter() - t0)
+        try:
+            create.append(float(host.info["load_ms"]) / 1000)
+            first.append(host.infer(inputs)[1] / 1000)
+        finally:
+            host.close()
+    floor = [c + f for c, f in zip(create, first, strict=True)]
+    return {
+        "model": model, "host_start": stats_ms(start), "create": stats_ms(create),
+        "first_run": stats_ms(first), "floor": stats_ms(floor),
+    }  # fmt: skip
+
+
 def main() -> None:
     p = arg_parser(__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=6, help="cold samples per side and model")
     p.add_argument("--warm", type=int, default=300, help="warm requests per side and model")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated, from " + ", ".join(MODELS))
     args = p.parse_args()
+    models = [m for m in args.models.split(",") if m]
     stop_on_sigterm()
+    floors = [host_floor(model, max(args.reps, 5)) for model in models]
     rows: list[dict[str, Any]] = []
     with Platform("--pool-size", str(POOL_SIZE), device="cpu", PADDLEFN_LITE_POOL_SIZE="1") as platform:
         tenant = platform.tenant("bench")
-        for model in MODELS:
+        for model in models:
             body, headers = binary_request(example_inputs(model))
             names = {side: f"{model.replace('_', '-')}-{side}" for side in SIDES}
             for side, config in SIDES.items():
@@ -92,8 +133,19 @@ def main() -> None:
                 })  # fmt: skip
 
     result = {"benchmark": "lite", "device": "cpu", "machine": machine(), "reps": args.reps, "warm": args.warm,
-              "rows": rows}  # fmt: skip
+              "rows": rows, "host_floor": floors}  # fmt: skip
     path = write_result("lite", result)
+    floor_rows = [
+        {
+            "model": f["model"],
+            **{f"{k}_p50_ms": f[k]["p50"] for k in ("host_start", "create", "first_run", "floor")},
+        }
+        for f in floors
+    ]
+    print(
+        table(floor_rows, ["model", "host_start_p50_ms", "create_p50_ms", "first_run_p50_ms", "floor_p50_ms"])
+    )
+    print()
     print(table(rows, ["model", "function", "cold_p50_ms", "cold_p99_ms", "warm_p50_ms", "warm_p99_ms",
                        "first_answered_by"]))  # fmt: skip
     print(f"\nwritten to {path}")
