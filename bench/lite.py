@@ -10,10 +10,12 @@ For mlp and mobilenet_v3_small, one platform with four functions per model:
 Samples of the compared sides are interleaved (one of each in turn), so load from elsewhere hits both alike. A
 cold sample is taken only when the function is asleep and both pools are refilled.
 
-Beside them, Lite's own floor, measured on the engine host alone (``runtime.lite.engine.LiteHost`` on the prepared
-``.nb``, no platform): ``host_start`` is a fresh host from its start to ready (CPython 3.7 start, ``import numpy,
-paddlelite``, predictor creation), ``create`` the predictor creation inside it and ``first_run`` the first
-inference (Lite's compute time); ``floor`` = create + first run, the least a Lite cold start can cost.
+Beside them, without the platform, on the prepared ``.nb``: Lite's own floor (``bench/lite_floor.py`` under the
+Lite interpreter: ``create`` is the predictor creation in a process that has imported Lite, ``first_run`` the first
+inference; ``floor`` = create + first run, the least a Lite cold start can cost), and what the engine host adds:
+``host_start`` is a fresh ``runtime.lite.engine.LiteHost`` from its start to ready (CPython 3.7 start, ``import
+numpy, paddlelite``, predictor creation), ``spare_load`` a pre-started ``SpareHost`` given the ``.nb`` until ready
+(what a pooled Lite worker pays now).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from typing import Any
 
 from common import (  # type: ignore[import-not-found]
+    CHILD_ENV,
     ROOT,
     Platform,
     arg_parser,
@@ -38,6 +41,7 @@ from common import (  # type: ignore[import-not-found]
 )
 
 MODELS = ("mlp", "mobilenet_v3_small")
+FLOOR_PARTS = ("host_start", "spare_load", "create", "first_run", "floor")
 POOL_SIZE = 2
 SIDES = {
     "paddle": {"device": "cpu"},
@@ -54,34 +58,54 @@ def ready_for_a_cold_sample(platform: Platform, tenant: Any, function: str) -> b
 
 
 def host_floor(model: str, reps: int) -> dict[str, Any]:
-    """Lite's own floor for MODEL on the engine host alone (see the module docstring), p50/p99 in ms."""
+    """Lite's own floor for MODEL and what its engine host costs (see the module docstring), p50/p99 in ms."""
+    import json
+    import subprocess
     import sys
 
-    import numpy as np
-
     sys.path.insert(0, str(ROOT))
+    from runtime.lite import lite_python
     from runtime.lite.engine import LiteHost
     from runtime.spec import GOLDEN_INPUTS, Manifest
 
+    try:  # the spare host (absent before the pre-started host came in, commit e0d04a0)
+        from runtime.lite.engine import SpareHost
+    except ImportError:
+        SpareHost = None
+
     folder = prepared_model(model, "cpu")
     nb = folder / str(Manifest.load(folder).lite["nb"])
-    with np.load(folder / GOLDEN_INPUTS) as data:
-        inputs = {k: data[k] for k in data.files}
-    start, create, first = [], [], []
+    floor_script = [
+        str(lite_python()),
+        str(ROOT / "bench" / "lite_floor.py"),
+        str(nb),
+        str(folder / GOLDEN_INPUTS),
+    ]
+    samples: dict[str, list[float]] = {
+        "host_start": [],
+        "spare_load": [],
+        "create": [],
+        "first_run": [],
+        "floor": [],
+    }
     for _ in range(reps):
         t0 = time.perf_counter()
         host = LiteHost(nb)
-        start.append(time.perf_counter() - t0)
-        try:
-            create.append(float(host.info["load_ms"]) / 1000)
-            first.append(host.infer(inputs)[1] / 1000)
-        finally:
+        samples["host_start"].append(time.perf_counter() - t0)
+        host.close()
+        if SpareHost is not None:
+            spare = SpareHost()
+            spare.wait_ready()
+            t0 = time.perf_counter()
+            host = LiteHost(nb, spare=spare)
+            samples["spare_load"].append(time.perf_counter() - t0)
             host.close()
-    floor = [c + f for c, f in zip(create, first, strict=True)]
-    return {
-        "model": model, "host_start": stats_ms(start), "create": stats_ms(create),
-        "first_run": stats_ms(first), "floor": stats_ms(floor),
-    }  # fmt: skip
+        out = subprocess.run(floor_script, capture_output=True, text=True, check=True, env=CHILD_ENV).stdout
+        timings = json.loads(out.strip().splitlines()[-1])
+        samples["create"].append(timings["create_s"])
+        samples["first_run"].append(timings["first_run_s"])
+        samples["floor"].append(timings["create_s"] + timings["first_run_s"])
+    return {"model": model, **{k: stats_ms(v) for k, v in samples.items()}}
 
 
 def main() -> None:
@@ -136,15 +160,9 @@ def main() -> None:
               "rows": rows, "host_floor": floors}  # fmt: skip
     path = write_result("lite", result)
     floor_rows = [
-        {
-            "model": f["model"],
-            **{f"{k}_p50_ms": f[k]["p50"] for k in ("host_start", "create", "first_run", "floor")},
-        }
-        for f in floors
+        {"model": f["model"], **{f"{k}_p50_ms": f[k].get("p50") for k in FLOOR_PARTS}} for f in floors
     ]
-    print(
-        table(floor_rows, ["model", "host_start_p50_ms", "create_p50_ms", "first_run_p50_ms", "floor_p50_ms"])
-    )
+    print(table(floor_rows, ["model", *(f"{k}_p50_ms" for k in FLOOR_PARTS)]))
     print()
     print(table(rows, ["model", "function", "cold_p50_ms", "cold_p99_ms", "warm_p50_ms", "warm_p99_ms",
                        "first_answered_by"]))  # fmt: skip
