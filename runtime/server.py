@@ -187,11 +187,12 @@ class Worker:
                 headers={"x-paddlefn-engine": engine.name, "x-paddlefn-device": engine.device},
             )
             seconds = time.perf_counter() - start
-            log.info("loaded %s in %.3f s (%s on %s)", name, seconds, engine.name, engine.device)
+            prestarted = getattr(engine, "host_prestarted", None)  # Paddle Lite: did the spare host take it
+            how = "" if prestarted is None else ", spare Lite host" if prestarted else ", new Lite host"
+            log.info("loaded %s in %.3f s (%s on %s%s)", name, seconds, engine.name, engine.device, how)
             result = {"name": name, "load_seconds": seconds, "engine": engine.name, "device": engine.device,
                       "confined": confined}  # fmt: skip
-            prestarted = getattr(engine, "host_prestarted", None)
-            if prestarted is not None:  # Paddle Lite: whether the spare host took the model
+            if prestarted is not None:
                 result["lite_host_prestarted"] = prestarted
             return result
 

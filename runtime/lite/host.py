@@ -293,6 +293,8 @@ def serve(nb_path, wait=False):
                 os.environ[key] = value  # the worker's, as it set them when it confined itself
         nb_path = header["nb"]
     try:
+        with open(nb_path, "rb"):
+            pass  # Lite aborts the process on a file it cannot open: say why instead, as any other failure
         config = lite.MobileConfig()
         config.set_model_from_file(nb_path)
         predictor = lite.create_paddle_predictor(config)
