@@ -64,6 +64,11 @@ def assert_confined_like(host: int, worker: int, uid: int, data: Path, own: str,
     assert seen["CapEff"] == seen["CapPrm"] == ["0000000000000000"]
     assert seen["NoNewPrivs"] == ["1"]
     assert namespaces(host) == namespaces(worker) != namespaces("self")
+    # A namespace belongs to a thread: every thread of the worker (the engine thread that starts a host after a
+    # crash above all) and of the host must be in it, not only the main ones.
+    for pid in (worker, host):
+        tasks = [t.name for t in Path(f"/proc/{pid}/task").iterdir()]
+        assert all(namespaces(f"{pid}/task/{t}") == namespaces(worker) for t in tasks), pid
     assert limit(host, "Max processes") == limit(worker, "Max processes")
     assert limit(host, "Max core file size") == "0"
     # /proc/PID/root shows the files as that process sees them, through its own mount namespace
