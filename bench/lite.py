@@ -9,6 +9,13 @@ For mlp and mobilenet_v3_small, one platform with four functions per model:
 
 Samples of the compared sides are interleaved (one of each in turn), so load from elsewhere hits both alike. A
 cold sample is taken only when the function is asleep and both pools are refilled.
+
+Beside them, without the platform, on the prepared ``.nb``: Lite's own floor (``bench/lite_floor.py`` under the
+Lite interpreter: ``create`` is the predictor creation in a process that has imported Lite, ``first_run`` the first
+inference; ``floor`` = create + first run, the least a Lite cold start can cost), and what the engine host adds:
+``host_start`` is a fresh ``runtime.lite.engine.LiteHost`` from its start to ready (CPython 3.7 start, ``import
+numpy, paddlelite``, predictor creation), ``spare_load`` a pre-started ``SpareHost`` given the ``.nb`` until ready
+(what a pooled Lite worker pays now).
 """
 
 from __future__ import annotations
@@ -17,12 +24,15 @@ import time
 from typing import Any
 
 from common import (  # type: ignore[import-not-found]
+    CHILD_ENV,
+    ROOT,
     Platform,
     arg_parser,
     binary_request,
     example_inputs,
     example_model,
     machine,
+    prepared_model,
     stats_ms,
     stop_on_sigterm,
     table,
@@ -31,6 +41,7 @@ from common import (  # type: ignore[import-not-found]
 )
 
 MODELS = ("mlp", "mobilenet_v3_small")
+FLOOR_PARTS = ("host_start", "spare_load", "create", "first_run", "floor")
 POOL_SIZE = 2
 SIDES = {
     "paddle": {"device": "cpu"},
@@ -46,16 +57,70 @@ def ready_for_a_cold_sample(platform: Platform, tenant: Any, function: str) -> b
     return bool(asleep and workers["idle_warm"] >= POOL_SIZE and workers.get("lite_idle_warm", 1) >= 1)
 
 
+def host_floor(model: str, reps: int) -> dict[str, Any]:
+    """Lite's own floor for MODEL and what its engine host costs (see the module docstring), p50/p99 in ms."""
+    import json
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from runtime.lite import lite_python
+    from runtime.lite.engine import LiteHost
+    from runtime.spec import GOLDEN_INPUTS, Manifest
+
+    try:  # the spare host (absent before the pre-started host came in, commit e0d04a0)
+        from runtime.lite.engine import SpareHost
+    except ImportError:
+        SpareHost = None
+
+    folder = prepared_model(model, "cpu")
+    nb = folder / str(Manifest.load(folder).lite["nb"])
+    floor_script = [
+        str(lite_python()),
+        str(ROOT / "bench" / "lite_floor.py"),
+        str(nb),
+        str(folder / GOLDEN_INPUTS),
+    ]
+    samples: dict[str, list[float]] = {
+        "host_start": [],
+        "spare_load": [],
+        "create": [],
+        "first_run": [],
+        "floor": [],
+    }
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        host = LiteHost(nb)
+        samples["host_start"].append(time.perf_counter() - t0)
+        host.close()
+        if SpareHost is not None:
+            spare = SpareHost()
+            spare.wait_ready()
+            t0 = time.perf_counter()
+            host = LiteHost(nb, spare=spare)
+            samples["spare_load"].append(time.perf_counter() - t0)
+            host.close()
+        out = subprocess.run(floor_script, capture_output=True, text=True, check=True, env=CHILD_ENV).stdout
+        timings = json.loads(out.strip().splitlines()[-1])
+        samples["create"].append(timings["create_s"])
+        samples["first_run"].append(timings["first_run_s"])
+        samples["floor"].append(timings["create_s"] + timings["first_run_s"])
+    return {"model": model, **{k: stats_ms(v) for k, v in samples.items()}}
+
+
 def main() -> None:
     p = arg_parser(__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=6, help="cold samples per side and model")
     p.add_argument("--warm", type=int, default=300, help="warm requests per side and model")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated, from " + ", ".join(MODELS))
     args = p.parse_args()
+    models = [m for m in args.models.split(",") if m]
     stop_on_sigterm()
+    floors = [host_floor(model, max(args.reps, 5)) for model in models]
     rows: list[dict[str, Any]] = []
     with Platform("--pool-size", str(POOL_SIZE), device="cpu", PADDLEFN_LITE_POOL_SIZE="1") as platform:
         tenant = platform.tenant("bench")
-        for model in MODELS:
+        for model in models:
             body, headers = binary_request(example_inputs(model))
             names = {side: f"{model.replace('_', '-')}-{side}" for side in SIDES}
             for side, config in SIDES.items():
@@ -92,8 +157,13 @@ def main() -> None:
                 })  # fmt: skip
 
     result = {"benchmark": "lite", "device": "cpu", "machine": machine(), "reps": args.reps, "warm": args.warm,
-              "rows": rows}  # fmt: skip
+              "rows": rows, "host_floor": floors}  # fmt: skip
     path = write_result("lite", result)
+    floor_rows = [
+        {"model": f["model"], **{f"{k}_p50_ms": f[k].get("p50") for k in FLOOR_PARTS}} for f in floors
+    ]
+    print(table(floor_rows, ["model", *(f"{k}_p50_ms" for k in FLOOR_PARTS)]))
+    print()
     print(table(rows, ["model", "function", "cold_p50_ms", "cold_p99_ms", "warm_p50_ms", "warm_p99_ms",
                        "first_answered_by"]))  # fmt: skip
     print(f"\nwritten to {path}")

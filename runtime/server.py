@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.applications import Starlette
@@ -40,6 +40,9 @@ from runtime.batching import BatchShapeError, DynamicBatcher
 from runtime.engine import Engine, EngineError, EngineOutOfMemory
 from runtime.protocol import HEADER_LENGTH, InvalidRequest, decode_request, encode_response
 from runtime.spec import GOLDEN_INPUTS, Manifest, ModelSpec, TensorSpec
+
+if TYPE_CHECKING:
+    from runtime.lite.engine import SpareHost
 
 log = logging.getLogger("paddlefn.runtime")
 
@@ -103,12 +106,41 @@ class Worker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.model: LoadedModel | None = None
         self._load_lock = asyncio.Lock()
+        self.lite_spare: SpareHost | None = (
+            None  # a Lite host started before the model is known (pool workers)
+        )
+
+    def start_lite_spare(self) -> None:
+        """Start a spare Paddle Lite host now, while this worker waits for a model (runtime.lite.engine): a load
+        then costs Lite's predictor creation, not a CPython 3.7 start and ``import paddlelite`` (~150 ms). Call it
+        from the main thread, the one that confines the worker and lives as long as it (see SpareHost); the
+        engine thread must not exist yet: it has to be created after confinement to inherit it."""
+        from runtime.lite.engine import LiteUnavailable, SpareHost
+
+        try:
+            self.lite_spare = SpareHost()
+        except LiteUnavailable as exc:  # a load asking for Lite reports the same reason
+            log.warning("no spare Paddle Lite host: %s", exc)
+
+    def wait_lite_spare(self) -> None:
+        from runtime.lite.engine import LiteUnavailable
+
+        if self.lite_spare is None:
+            return
+        try:
+            info = self.lite_spare.wait_ready()
+        except LiteUnavailable as exc:  # a load then starts a host of its own, as without a spare
+            log.warning("the spare Paddle Lite host did not start: %s", exc)
+            self.lite_spare = None
+            return
+        log.info("spare Paddle Lite host ready in %.0f ms", info.get("start_ms", 0.0))
 
     def _make_engine(self, options: LoadOptions, manifest: Manifest) -> Engine:
         if options.engine == "lite":
             from runtime.lite.engine import PaddleLiteEngine
 
-            return PaddleLiteEngine(options.model_dir, manifest)
+            spare, self.lite_spare = self.lite_spare, None
+            return PaddleLiteEngine(options.model_dir, manifest, spare=spare)
         from runtime.engine import PaddleInferenceEngine
 
         use_gpu = self.use_gpu and manifest.device == "gpu"
@@ -156,9 +188,14 @@ class Worker:
                 headers={"x-paddlefn-engine": engine.name, "x-paddlefn-device": engine.device},
             )
             seconds = time.perf_counter() - start
-            log.info("loaded %s in %.3f s (%s on %s)", name, seconds, engine.name, engine.device)
-            return {"name": name, "load_seconds": seconds, "engine": engine.name, "device": engine.device,
-                    "confined": confined}  # fmt: skip
+            prestarted = getattr(engine, "host_prestarted", None)  # Paddle Lite: did the spare host take it
+            how = "" if prestarted is None else ", spare Lite host" if prestarted else ", new Lite host"
+            log.info("loaded %s in %.3f s (%s on %s%s)", name, seconds, engine.name, engine.device, how)
+            result = {"name": name, "load_seconds": seconds, "engine": engine.name, "device": engine.device,
+                      "confined": confined}  # fmt: skip
+            if prestarted is not None:
+                result["lite_host_prestarted"] = prestarted
+            return result
 
     @staticmethod
     def _confine(spec: dict[str, Any]) -> bool:
@@ -195,6 +232,8 @@ class Worker:
             self.model.batch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.model.batch_task
+        if self.lite_spare is not None:
+            self.lite_spare.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -387,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         warm_up_device(use_gpu)
     sock = _bind(args)
     worker = Worker(use_gpu=use_gpu)
+    if args.engine == "lite" and not args.model_dir:  # pre-warmed: the Lite host starts now, beside our start
+        worker.start_lite_spare()
     app = create_app(worker)
 
     import uvicorn
@@ -401,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     server = uvicorn.Server(config)
 
     _warm_protocol()
+    worker.wait_lite_spare()  # warm means Lite imported too
 
     async def serve() -> None:
         if args.lifeline_fd is not None:  # forked: the platform holds the write end; EOF means it is gone

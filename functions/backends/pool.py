@@ -59,6 +59,11 @@ _PASSED_ENV = (
 )
 _PASSED_PREFIXES = ("NVIDIA_", "FLAGS_")
 
+# A taken worker's replacement starts once it has answered its first request (the one that woke it), or this long
+# after its load when none comes: a new worker starting (Python, Paddle or the Lite host) competes for the CPU
+# with that first request, which on 2 cores made a Lite cold start 30-60 ms slower (bench/RESULTS.md, 2026-12-01).
+REFILL_AFTER_LOAD_S = 1.0
+
 
 class NoCapacity(Exception):
     """Every worker slot is taken; the backend may put an idle function to sleep to make room."""
@@ -149,12 +154,23 @@ class WorkerProcess:
         )
         self.stopping = False
         self.loaded = False  # serves a model (its PSS then says what a warm function costs)
-        self.after_load: Callable[[], None] | None = None  # set by the pool: refill once this one is busy
+        # Set by the pool when it hands this worker out: start its replacement (see REFILL_AFTER_LOAD_S).
+        self.after_load: Callable[[], None] | None = None
+        self._refill_timer: asyncio.TimerHandle | None = None
 
-    def _loaded(self) -> None:
+    def _replace(self) -> None:
+        """Start this worker's replacement now (once)."""
         callback, self.after_load = self.after_load, None
+        if self._refill_timer is not None:
+            self._refill_timer.cancel()
+            self._refill_timer = None
         if callback is not None:
             callback()
+
+    def _loaded(self) -> None:
+        """The model is loaded: the replacement starts after the first request, or REFILL_AFTER_LOAD_S from now."""
+        if self.after_load is not None and self._refill_timer is None:
+            self._refill_timer = asyncio.get_running_loop().call_later(REFILL_AFTER_LOAD_S, self._replace)
 
     @property
     def pid(self) -> int:
@@ -170,13 +186,18 @@ class WorkerProcess:
                 f"/v2/repository/models/{name}/load", json={"parameters": parameters}, timeout=timeout
             )
         except httpx.TimeoutException:
+            self._replace()
             raise WorkerStartError(f"loading the model took longer than {timeout:g} s") from None
         except httpx.TransportError:
+            self._replace()
             raise WorkerStartError(f"the worker died while loading the model: {self.exit_reason()}") from None
-        finally:
-            self._loaded()
+        except BaseException:
+            self._replace()
+            raise
         if response.status_code != 200:
+            self._replace()
             raise WorkerStartError(_error_text(response))
+        self._loaded()
         result: dict[str, Any] = response.json()
         self.loaded = True
         return result
@@ -186,6 +207,15 @@ class WorkerProcess:
     ) -> tuple[int, bytes, Mapping[str, str]]:
         """One inference request: (status, body, headers); WorkerTimeout, WorkerGone or WorkerUnreachable when
         it fails."""
+        try:
+            return await self._post(path, body, headers, timeout)
+        finally:
+            if self.after_load is not None:  # the first request is done: the pool may refill now
+                self._replace()
+
+    async def _post(
+        self, path: str, body: bytes, headers: dict[str, str], timeout: float
+    ) -> tuple[int, bytes, Mapping[str, str]]:
         try:
             async with self.session.post(
                 f"http://worker{path}",
@@ -214,7 +244,7 @@ class WorkerProcess:
 
     async def stop(self, grace: float = 5.0) -> None:
         self.stopping = True
-        self._loaded()  # taken but never loaded: its replacement is still owed
+        self._replace()  # its replacement is owed now, whether it was loaded or not
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGTERM)
@@ -378,8 +408,9 @@ class WorkerPool:
     async def take(self) -> WorkerProcess:
         """A warm worker: from the pool when one is idle, else a new one (a slower, Python-start cold start).
 
-        The pool is refilled once the taken worker has loaded its model, not at once: a new worker importing
-        Paddle would compete for the CPU with the very wake-up it replaces (on 2 cores it added 40-90 ms)."""
+        The pool is refilled once the taken worker has loaded its model and answered its first request (or
+        REFILL_AFTER_LOAD_S after the load), not at once: a new worker importing Paddle would compete for the CPU
+        with the very wake-up it replaces (on 2 cores it added 40-90 ms to the load, 30-60 ms to the request)."""
         while self.idle:
             worker = self.idle.popleft()
             if worker.alive:
