@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.conftest import deploy, make_tenant, wait_for
+import pytest
+
+from tests.conftest import deploy, example, make_tenant, oip_body, wait_for
 from tests.test_lifecycle import replica_pids
 
 
@@ -45,3 +47,29 @@ def test_a_forked_worker_holds_neither_the_templates_socket_nor_another_workers_
         }
         assert not links & theirs, f"worker {mine} holds files of worker {other}: {descriptors(mine)}"
         assert Path(f"/proc/{mine}/comm").read_text().strip() == "pfn-worker"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="worker confinement applies when the platform runs as root")
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_every_thread_of_a_paddle_worker_is_in_its_confinement(platform_factory, models, start):
+    """unshare() moves only the calling thread: a thread started before the worker confined itself (numpy's
+    BLAS pool, started at import) would keep the host's files and network. Forked workers have one thread when
+    they confine; spawned ones start no BLAS pool (OPENBLAS_NUM_THREADS=1)."""
+    p = platform_factory("--pool-size", "1", PADDLEFN_WORKER_START=start)
+    acme = make_tenant(p, "acme")
+    deploy(acme, "classify", models["mlp"])
+    assert (
+        acme.http.post(
+            "/t/acme/v2/models/classify/infer", json=oip_body(example(models["mlp"])[0])
+        ).status_code
+        == 200
+    )
+    (pid,) = replica_pids(p, "acme", "classify")
+    ours = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in ("mnt", "net")}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        for ns, host in ours.items():
+            assert os.readlink(f"/proc/{pid}/task/{task}/ns/{ns}") != host, (
+                f"thread {task} is in the host's {ns}"
+            )
+        uid = Path(f"/proc/{pid}/task/{task}/status").read_text().split("Uid:")[1].split()[0]
+        assert int(uid) != 0, f"thread {task} runs as root"
