@@ -267,6 +267,7 @@ def main() -> None:
             steps_out.append(step)
             print(step, flush=True)
             write_result("density", result)
+        shutil.copy(p.data_dir / "platform.log", OUT / "density-platform.log")  # kept: the run's folder goes
     path = write_result("density", result)
     print(f"written to {path}")
 
