@@ -114,7 +114,9 @@ def _complete(method: str, path: str, op: dict[str, Any]) -> None:
     statuses = set(EXTRA_ERRORS.get((method, path), set()))
     if has_input:
         statuses.add(400)
-    if "requestBody" in op:  # every body outside the data plane is bounded (functions/bounds.py, max_json_bytes)
+    if (
+        "requestBody" in op
+    ):  # every body outside the data plane is bounded (functions/bounds.py, max_json_bytes)
         statuses.add(413)
     statuses.add(401)
     if needs_key:

@@ -160,12 +160,54 @@ def in_use(state: State, engine: str) -> int:
 # ---------------------------------------------------------------- the rules
 
 
+class _Replicas(dict[int, Replica]):
+    """A step's replicas by id, with an index by function built when asked and dropped on any change: the rules
+    ask for a function's replicas once per function per step (fair shares look at every function), and a scan of
+    all replicas each time made a step O(functions x replicas): 64 ms at 1,000 warm functions."""
+
+    def __init__(self, items: Mapping[int, Replica]) -> None:
+        super().__init__(items)
+        self._by_key: dict[Key, list[Replica]] | None = None
+
+    def __setitem__(self, rid: int, replica: Replica) -> None:
+        self._by_key = None
+        super().__setitem__(rid, replica)
+
+    def __delitem__(self, rid: int) -> None:
+        self._by_key = None
+        super().__delitem__(rid)
+
+    def pop(self, rid: int, *default: Replica | None) -> Replica | None:  # type: ignore[override]
+        self._by_key = None
+        return super().pop(rid, *default)
+
+    def of_key(self, key: Key) -> list[Replica]:
+        return self._index().get(key, [])
+
+    def claims(self) -> list[Replica]:
+        """The replicas waiting for a slot (CLAIMING): most steps have none."""
+        return self._index().get(_CLAIMS, [])
+
+    def _index(self) -> dict[Key, list[Replica]]:
+        if self._by_key is None:
+            index: dict[Key, list[Replica]] = {}
+            for r in self.values():
+                index.setdefault(r.key, []).append(r)
+                if r.phase == Phase.CLAIMING:
+                    index.setdefault(_CLAIMS, []).append(r)
+            self._by_key = index
+        return self._by_key
+
+
+_CLAIMS: Key = ("", "")  # the index's entry for CLAIMING replicas (no function has an empty name)
+
+
 class _Step:
     """One step's working copy: the rules below change it and record effects; ``result`` freezes it."""
 
     def __init__(self, state: State, now: float, rules: Rules) -> None:
         self.functions = dict(state.functions)
-        self.replicas = dict(state.replicas)
+        self.replicas = _Replicas(state.replicas)
         self.pools = dict(state.pools)
         self.tenants = state.tenants
         self.next_id = state.next_id
@@ -406,7 +448,7 @@ class _Step:
 
     def call_off_unwanted(self) -> None:
         """Starts still waiting for a slot beyond what their function wants now go, the newest first."""
-        claiming = {r.key for r in self.replicas.values() if r.phase == Phase.CLAIMING and not r.fallback}
+        claiming = {r.key for r in self.replicas.claims() if not r.fallback}
         for key in claiming & self.functions.keys():  # most steps: none
             f = self.functions[key]
             surplus = self.count(key) - max(f.desired, 1 if f.waiting else 0)
@@ -416,8 +458,7 @@ class _Step:
 
     def advance_pool(self, engine: str) -> None:
         claims = sorted(
-            (r for r in self.replicas.values() if r.phase == Phase.CLAIMING and r.engine == engine),
-            key=lambda r: (r.claimed_at, r.id),
+            (r for r in self.replicas.claims() if r.engine == engine), key=lambda r: (r.claimed_at, r.id)
         )
         short = 0  # starts of this pass that found no worker
         for c in claims:
@@ -675,12 +716,14 @@ class _Step:
     # ------------------------------------------------ replicas
 
     def of(self, key: Key, *phases: Phase, fallback: bool | None = None) -> list[Replica]:
-        return _of(self.replicas, key, phases, fallback)
+        return [
+            r
+            for r in self.replicas.of_key(key)
+            if (not phases or r.phase in phases) and (fallback is None or r.fallback == fallback)
+        ]
 
     def count(self, key: Key) -> int:
-        return sum(
-            1 for r in self.replicas.values() if r.key == key and not r.fallback and r.phase in COUNTED
-        )
+        return sum(1 for r in self.replicas.of_key(key) if not r.fallback and r.phase in COUNTED)
 
     def put(self, r: Replica) -> Replica:
         self.replicas[r.id] = r
