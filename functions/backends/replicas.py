@@ -128,7 +128,7 @@ def waiting_for_slot(state: State, key: Key, now: float, rules: Rules) -> tuple[
 
 def count(state: State, key: Key) -> int:
     """Primary replicas running or starting: the scaler's number."""
-    return sum(1 for r in state.replicas.values() if r.key == key and not r.fallback and r.phase in COUNTED)
+    return sum(1 for r in _of_key(state.replicas, key) if not r.fallback and r.phase in COUNTED)
 
 
 def of(state: State, key: Key, *phases: Phase, fallback: bool | None = None) -> list[Replica]:
@@ -141,9 +141,17 @@ def _of(
 ) -> list[Replica]:
     return [
         r
-        for r in replicas.values()
-        if r.key == key and (not phases or r.phase in phases) and (fallback is None or r.fallback == fallback)
+        for r in _of_key(replicas, key)
+        if (not phases or r.phase in phases) and (fallback is None or r.fallback == fallback)
     ]
+
+
+def _of_key(replicas: Mapping[int, Replica], key: Key) -> list[Replica]:
+    """KEY's replicas; through the index of a step's result (a state is never changed after its step, so the
+    index stays true), which the autoscaler's per-function questions each tick would otherwise scan for."""
+    if isinstance(replicas, _Replicas):
+        return replicas.of_key(key)
+    return [r for r in replicas.values() if r.key == key]
 
 
 def held(state: State, engine: str) -> int:
