@@ -42,6 +42,7 @@ WWW_AUTHENTICATE = {"description": 'Bearer realm="paddlefn"', "schema": {"type":
 # Besides the ones every route gets from its parameters and its key (see _default_errors): what each may answer.
 EXTRA_ERRORS: dict[tuple[str, str], set[int]] = {
     ("post", "/v1/tenants"): {409},
+    ("post", "/v1/tenants/{tenant}/keys"): {409},  # the plan's max_keys
     ("post", "/v1/tenants/{tenant}/functions"): {409, 413},
     ("patch", "/v1/tenants/{tenant}/functions/{name}"): {409},
     ("post", "/v1/tenants/{tenant}/functions/{name}/edge-bundles"): {409},

@@ -10,6 +10,7 @@ import functools
 import re
 from datetime import UTC, datetime, timedelta
 
+from functions import names
 from functions.bounds import shown
 
 PERIOD = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")  # matched whole (fullmatch): no trailing newline
@@ -26,7 +27,7 @@ def parse_period(text: str) -> tuple[datetime, datetime]:
     """``"2026-11"`` -> (start, end) of that month in UTC; ValueError with the expected form otherwise."""
     match = PERIOD.fullmatch(text) if isinstance(text, str) else None
     if not match:
-        raise ValueError(f"{shown(text)} is not a month: use YYYY-MM, e.g. 2026-11")
+        raise ValueError(names.problem("period", text) or f"{shown(text)} is not a month: use YYYY-MM")
     year, month = int(match.group(1)), int(match.group(2))
     if year == 0 or text > LAST:
         raise ValueError(f"'{text}' is out of range: use a month from 0001-01 to {LAST}")
