@@ -201,10 +201,19 @@ def test_no_worker_is_taken_while_the_pool_holds_its_capacity_in_unassigned_or_f
     sim.deploy("b")
     sim.state = replace(sim.state, pools={**sim.state.pools, PADDLE: PoolView(2, unassigned=1)})
     assert not takes(sim(Arrive("b")))  # 1 replica + 1 pre-warmed being refilled = 2 of 2
-    sim.state = replace(sim.state, pools={**sim.state.pools, PADDLE: PoolView(3, freeing=True)})
-    assert not takes(sim(Tick()))  # a refill is on its way: no new worker races it past capacity
+    sim.state = replace(sim.state, pools={**sim.state.pools, PADDLE: PoolView(3, unassigned=2, freeing=True)})
+    assert not takes(sim(Tick()))  # refills on their way count from the start: no new worker races past them
     sim.state = replace(sim.state, pools={**sim.state.pools, PADDLE: PoolView(3, unassigned=1, idle=1)})
     assert len(takes(sim(Tick()))) == 1  # the refill is warm: taken
+
+
+def test_a_start_takes_a_free_slot_beside_a_refill_on_its_way_instead_of_evicting() -> None:
+    sim = Sim(capacity=4)
+    sim.warm("a")
+    sim.deploy("b")
+    sim.state = replace(sim.state, pools={**sim.state.pools, PADDLE: PoolView(4, unassigned=1, freeing=True)})
+    effects = sim(Arrive("b"))  # 1 replica + 1 refill of 4: room, however long the refill takes
+    assert len(takes(effects)) == 1 and not stops(effects)
 
 
 def test_a_shrinking_capacity_sheds_idle_replicas_least_recently_used_first_but_never_a_protected_one() -> (

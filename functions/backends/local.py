@@ -436,7 +436,7 @@ class LocalBackend:
         if decided is None or decided.phase != Phase.LOADING:  # retired, or its function deleted, meanwhile
             self._step(TakeFailed(take.replica))
             return
-        if not (any(w.alive for w in pool.idle) or (not pool.freeing and pool.used < pool.capacity)):
+        if not (any(w.alive for w in pool.idle) or pool.used < pool.capacity):
             # The pool changed since the decision: nothing is taken past its capacity. Look again once it moves.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(pool.changed.wait(), 1.0)
