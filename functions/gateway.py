@@ -7,8 +7,10 @@ function if it sleeps) and passes the answer back, so its own cost stays small. 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -113,20 +115,27 @@ async def _admitted(
         timeout_s=fn.config.timeout_s or settings.request_timeout_s,
     )
     request_id = uuid.uuid4().hex
-    try:
-        await platform.fair.acquire(
-            fn.tenant, platform.limits_of(fn.tenant).weight, outgoing.cold_start_timeout_s
-        )
-    except TimeoutError:
-        raise Unavailable(
-            f"the platform is at capacity and function {fn.label} waited its turn for "
-            f"{outgoing.cold_start_timeout_s:g} s; retry later",
-            retry_after=2,
-        ) from None
-    try:
-        forwarded = await _forward(platform, fn, outgoing, request_id, started_at, start, len(body))
-    finally:
-        platform.fair.release()
+
+    @contextlib.asynccontextmanager
+    async def compute_slot() -> AsyncIterator[None]:
+        """A turn in the weighted fair queue (the compute limit); the backend takes it once a replica is ready."""
+        try:
+            await platform.fair.acquire(
+                fn.tenant, platform.limits_of(fn.tenant).weight, outgoing.cold_start_timeout_s
+            )
+        except TimeoutError:
+            raise Unavailable(
+                f"the platform is at capacity and function {fn.label} waited its turn for "
+                f"{outgoing.cold_start_timeout_s:g} s; retry later",
+                retry_after=2,
+            ) from None
+        try:
+            yield
+        finally:
+            platform.fair.release()
+
+    outgoing.compute_slot = compute_slot
+    forwarded = await _forward(platform, fn, outgoing, request_id, started_at, start, len(body))
     out_headers = {
         **forwarded.headers,
         "x-request-id": request_id,

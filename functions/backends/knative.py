@@ -452,6 +452,12 @@ class KnativeBackend:
     # --- data plane -----------------------------------------------------------------------------------------
 
     async def forward(self, fn: FunctionRecord, request: Outgoing) -> Forwarded:
+        # Knative's activator holds a request for a waking revision out of our sight: the compute slot is held
+        # for the whole call, wake-up included.
+        async with request.compute_slot():
+            return await self._forward(fn, request)
+
+    async def _forward(self, fn: FunctionRecord, request: Outgoing) -> Forwarded:
         assert self._http is not None
         spec = spec_of(fn, self.settings)
         urls = [function_url(spec, self.config) + request.path]

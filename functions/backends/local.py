@@ -509,7 +509,8 @@ class LocalBackend:
             if asleep:
                 cold_start = self.clock.now() - started
         try:
-            return await self._post(fn, replica, request, cold_start)
+            async with request.compute_slot():
+                return await self._post(fn, replica, request, cold_start)
         finally:
             self._step(Done(replica.id))
 
