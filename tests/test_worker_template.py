@@ -22,18 +22,31 @@ def parent_of(pid: int) -> int:
 
 
 def two_requests_on_one_connection(uds: Path, pause_s: float) -> bool:
+    """Whether a second request, PAUSE_S after the first, is answered on the same connection."""
+    import http.client
     import socket
     import time
 
-    request = b"GET /v2/health/live HTTP/1.1\r\nhost: worker\r\n\r\n"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(str(uds))
-        sock.sendall(request)
-        first = sock.recv(4096)
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(str(uds))
+
+    conn = UnixConnection("worker")
+    try:
+        conn.request("GET", "/v2/health/live")
+        first = conn.getresponse()
+        first.read()
+        sock = conn.sock
         time.sleep(pause_s)
-        sock.sendall(request)
-        second = sock.recv(4096)
-    return first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200")
+        conn.request("GET", "/v2/health/live")
+        second = conn.getresponse()  # RemoteDisconnected had the worker closed the idle connection
+        second.read()
+        return first.status == second.status == 200 and conn.sock is sock
+    except (http.client.HTTPException, OSError):
+        return False
+    finally:
+        conn.close()
 
 
 def memory_of(platform) -> dict:
