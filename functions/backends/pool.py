@@ -321,6 +321,7 @@ class WorkerPool:
         )  # to close every HTTP session at the end
         self.spawning = 0
         self._refilling = 0
+        self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.changed = asyncio.Event()  # set whenever a worker exits or joins the pool (one may be had)
         # Unix socket paths are limited to ~100 bytes, so sockets live in a short temporary folder.
@@ -375,8 +376,11 @@ class WorkerPool:
             self.refill()
 
     def refill(self) -> None:
-        """Start workers in the background until ``size`` are warm (or capacity is reached)."""
-        while len(self.idle) + self._refilling < self.size and self.used < self.capacity:
+        """Start workers in the background until ``size`` are warm (or capacity is reached); none once the pool
+        is closing (a worker stopped by close() would otherwise be replaced, and a dead template started again)."""
+        while (
+            not self._closing and len(self.idle) + self._refilling < self.size and self.used < self.capacity
+        ):
             # Counted as spawning at once, not when the task first runs: otherwise this loop (and any take()
             # before the task runs) would see the slot free and go past capacity.
             self._refilling += 1
@@ -504,6 +508,7 @@ class WorkerPool:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        self._closing = True
         for task in list(self._tasks):
             if task.get_name() == "pool-refill":
                 task.cancel()
